@@ -148,6 +148,13 @@ def tree_paths(tree: TokenTree, r: int) -> dict[tuple[int, ...], float]:
     return out
 
 
+def grower_tree(roots: torch.Tensor, table: torch.Tensor, depth: int, width: int) -> TokenTree:
+    grower = TreeGrower(roots, width, temperature=1.0)
+    for _ in range(depth):
+        grower.expand(table[grower.depth][grower.frontier_tokens])
+    return grower.tree()
+
+
 @given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 4), st.integers(2, 5))
 def test_beam_expansion_equals_brute_force(seed, depth, width, vocab):
     g = torch.Generator().manual_seed(seed)
@@ -156,6 +163,11 @@ def test_beam_expansion_equals_brute_force(seed, depth, width, vocab):
     cand, grown = grow_tree(
         roots, lambda gr: table[gr.depth][gr.frontier_tokens], depth, width, temperature=1.0
     )
+    # the grown trees are valid TokenTrees: re-deriving depth and num_nodes agrees
+    for t in (cand, grower_tree(roots, table, depth, width)):
+        again = TokenTree(t.tokens, t.parents, t.logp)
+        assert torch.equal(again.depth, t.depth)
+        assert torch.equal(again.num_nodes, t.num_nodes)
     for r in range(3):
         want = brute_force_beam(table, int(roots[r]), depth, width)
         got = tree_paths(cand, r)

@@ -83,11 +83,23 @@ def process_logits(
         raise ValueError("logits must have a vocabulary dimension V >= 1, got V = 0")
     x = logits.float()
     lead = x.shape[:-1]
-    if bool(torch.isnan(x).any()):
+    # one reduction answers both checks: amax propagates NaN, and is -inf only for dead rows
+    row_max = x.amax(-1)
+    if bool(torch.isnan(row_max).any()):
         raise ValueError("logits contain NaN")
-    if bool((x == float("-inf")).all(-1).any()):
+    if bool((row_max == float("-inf")).any()):
         raise ValueError("logits: a row is -inf everywhere (no token can be sampled)")
-    temp = _per_row(temperature, "temperature", lead, x.device)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        # scalar fast path: no per-row broadcasting
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if temperature == 0:
+            x = torch.full_like(x, float("-inf")).scatter(-1, x.argmax(-1, keepdim=True), 0.0)
+        elif temperature != 1:
+            x = x / temperature
+        temp = None
+    else:
+        temp = _per_row(temperature, "temperature", lead, x.device)
     k = _per_row(top_k, "top_k", lead, x.device)
     p = _per_row(top_p, "top_p", lead, x.device)
     if temp is not None:
@@ -214,11 +226,24 @@ def expand(
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an int >= 1, got {width!r}")
-    ext = extension_logprobs(frontier_logp, draft_logits, temperature, top_k, top_p)  # [R, F, V]
-    R, F, V = ext.shape
-    w = min(width, F * V)
-    logp, flat = ext.reshape(R, F * V).topk(w, dim=-1)  # [R, w]
-    return Expansion(parent=flat // V, tokens=flat % V, logp=logp)
+    if (
+        frontier_logp.dim() != 2
+        or draft_logits.dim() != 3
+        or draft_logits.shape[:2] != frontier_logp.shape
+    ):
+        raise ValueError(
+            f"draft_logits must have shape (R, F, V) matching frontier_logp (R, F); got "
+            f"{tuple(draft_logits.shape)} and {tuple(frontier_logp.shape)}"
+        )
+    x = process_logits(draft_logits, _estimate_temperature(temperature), top_k, top_p)  # [R, F, V]
+    R, F, V = x.shape
+    w = min(width, V)
+    # The best `width` extensions overall are among the best `width` of each frontier node, and
+    # the log-softmax normaliser is constant per node: rank raw logits, normalise only the few.
+    top_x, top_tok = x.topk(w, dim=-1)  # [R, F, w]
+    ext = frontier_logp.float().unsqueeze(-1) + (top_x - x.logsumexp(-1, keepdim=True))  # [R, F, w]
+    logp, flat = ext.reshape(R, F * w).topk(min(width, F * w), dim=-1)  # [R, W]
+    return Expansion(parent=flat // w, tokens=top_tok.reshape(R, F * w).gather(1, flat), logp=logp)
 
 
 class TreeGrower:
@@ -290,10 +315,10 @@ class TreeGrower:
             self.frontier_logp, draft_logits, self.width, self.temperature, self.top_k, self.top_p
         )
         W = e.tokens.shape[1]
+        self._depth.append(torch.full_like(e.tokens, self.depth + 1))
         self._tokens.append(e.tokens)
         self._parents.append(self.frontier.gather(1, e.parent))
         self._logp.append(e.logp)
-        self._depth.append(torch.full_like(e.tokens, self.depth + 1))
         self.frontier = torch.arange(
             self.num_nodes, self.num_nodes + W, device=e.tokens.device
         ).expand_as(e.tokens)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adaspec.tree import TokenTree, strict_order, subtree
+from adaspec.tree import TokenTree, float_order_key, strict_order, subtree
 
 __all__ = ["Selection", "select", "tokens_needed"]
 
@@ -170,22 +170,18 @@ def select(
     take.scatter_add_(0, urgency, granted)  # [R] nodes taken in phase 1
     left = spare - int(granted.sum())
 
-    # Phase 2: the globally best remaining nodes. A global stable sort by (logp desc, depth
-    # asc) over row-major entries keeps each row's own strict order, so what a row gains is
-    # again a prefix of its order.
+    # Phase 2: the globally best remaining nodes by (logp desc, depth asc). Within a row that
+    # order agrees with the row's strict order, so what a row gains extends its prefix; exact
+    # ties between rows only decide which of two equally good nodes is taken.
     if left > 0:
-        depth = candidates.depth.gather(1, order).float()
-        lp = candidates.logp.gather(1, order)
         eligible = (pos.unsqueeze(0) >= take.unsqueeze(1)) & (pos.unsqueeze(0) < avail.unsqueeze(1))
-        key = torch.where(eligible, depth, float("inf")).flatten()  # [R * N]
-        by_depth = key.argsort(stable=True)
-        lp_flat = torch.where(eligible, lp, float("-inf")).flatten()
-        by_lp = lp_flat[by_depth].argsort(descending=True, stable=True)
-        # ineligible entries come last: the depth sort put them behind every eligible entry,
-        # and the stable logp sort keeps that among the -inf ties
+        key = (float_order_key(-candidates.logp.gather(1, order)) << 32) | candidates.depth.gather(
+            1, order
+        )
+        key = key.masked_fill(~eligible, torch.iinfo(torch.int64).max).flatten()  # [R * N]
         n_take = min(left, int(eligible.sum()))
-        ranked = by_depth[by_lp[:n_take]]  # [n_take] flat indices of the nodes to add
-        take = take + torch.bincount(ranked // N, minlength=R)
+        best = key.topk(n_take, largest=False).indices  # [n_take] flat entries to add
+        take = take + torch.bincount(best // N, minlength=R)
 
     keep = torch.zeros(R, N, dtype=torch.bool, device=dev)
     keep.scatter_(1, order, pos.unsqueeze(0) < take.unsqueeze(1))

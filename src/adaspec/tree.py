@@ -34,6 +34,7 @@ __all__ = [
     "ancestor_mask",
     "build_optimal",
     "expected_accepted",
+    "float_order_key",
     "is_leaf",
     "path_to",
     "position_ids",
@@ -402,12 +403,25 @@ def strict_order(tree: TokenTree) -> Tensor:
     is), so every prefix of the order is closed under ancestors.
     """
     N = tree.max_nodes
+    if N >= 1 << 16:
+        raise ValueError(f"strict_order supports up to 65535 nodes per tree, got N = {N}")
     # padding sorts after every real node, including real nodes with logp = -inf
-    depth_key = torch.where(tree.valid, tree.depth, N + 1)
-    by_depth = depth_key.argsort(dim=1, stable=True)  # index order kept among equal depths
-    lp = tree.logp.gather(1, by_depth)
-    by_logp = lp.argsort(dim=1, descending=True, stable=True)
-    return by_depth.gather(1, by_logp)
+    depth = torch.where(tree.valid, tree.depth, N + 1)
+    node = torch.arange(N, device=tree.device)
+    # One unique int64 key per node, so a single (unstable) sort gives the strict order:
+    # the order-preserving integer image of -logp in the high 32 bits, depth and index below.
+    key = (float_order_key(-tree.logp) << 32) | (depth << 16) | node
+    return key.argsort(dim=1)
+
+
+def float_order_key(x: Tensor) -> Tensor:
+    """int64 tensor ordered exactly like the float32 tensor ``x`` (no NaN; -0.0 counts as 0.0).
+
+    Flips the magnitude bits of negative floats, so that comparing the results as signed
+    integers compares the floats.
+    """
+    bits = (x.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
 
 
 class SubTree(NamedTuple):
@@ -444,11 +458,15 @@ def subtree(tree: TokenTree, keep: Tensor) -> SubTree:
         )
     count = keep.sum(1)  # [R]
     M = int(count.max())
-    # stable argsort of ~keep lists the kept nodes first, in their original order
-    kept = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :M]  # [R, M]
-    pad = torch.arange(M, device=tree.device).unsqueeze(0) >= count.unsqueeze(1)  # [R, M]
-    kept = kept.masked_fill(pad, -1)
+    R, N = keep.shape
     new_index = keep.to(torch.int64).cumsum(1) - 1  # [R, N] new position of each kept node
+    # scatter every kept node's index to its new position; dropped nodes go to a spare column
+    kept = torch.full((R, M + 1), -1, dtype=torch.int64, device=tree.device)
+    kept.scatter_(
+        1, torch.where(keep, new_index, M), torch.arange(N, device=tree.device).expand(R, N)
+    )
+    kept = kept[:, :M]  # [R, M]
+    pad = kept < 0
     src = kept.clamp(min=0)
     old_parent = tree.parents.gather(1, src)
     parents = torch.where(
