@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "PAIRS",
@@ -258,16 +258,48 @@ def _convert(name: str, dest: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def make_draft(target: nn.Module) -> nn.Module:
-    """An int8 dynamically quantized copy of ``target`` (every ``nn.Linear``), for CPU.
+def _int4_simulated(weight: Tensor, group: int = 32) -> Tensor:
+    """``weight`` rounded to 4-bit asymmetric integers per group of ``group`` inputs, in float."""
+    out_f, in_f = weight.shape
+    if in_f % group:
+        raise ValueError(f"in_features {in_f} is not a multiple of the group size {group}")
+    w = weight.detach().reshape(out_f, in_f // group, group)  # [O, I / g, g]
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(w.dtype).tiny)
+    q = ((w - low) / scale).round().clamp(0, 15)
+    return (q * scale + low).reshape(out_f, in_f)
 
-    Weights are int8 per output channel; activations are quantized per batch at run time.
-    The target is left untouched.
+
+def make_draft(target: nn.Module, kind: str = "int8") -> nn.Module:
+    """A cheaper copy of ``target`` to use as its draft; the target is left untouched.
+
+    Parameters
+    ----------
+    target : nn.Module
+        A float transformers causal LM.
+    kind : str
+        ``"int8"`` (default): ``torch.ao.quantization.quantize_dynamic`` of every
+        ``nn.Linear`` (int8 weights per channel, activations quantized per call), the
+        cheaper draft on CPU. ``"int4-sim"``: every ``nn.Linear`` weight rounded to 4-bit
+        groups of 32 and kept in float, for measuring agreement (no speed gain: CPUs here
+        have no fast int4 kernel; see ``docs/models.md``).
+
+    Note: int8 dynamic quantization scales activations per call, so a draft token's logits
+    depend slightly on the other tokens forwarded with it.
     """
-    from torch.ao.quantization import quantize_dynamic
-
     draft = copy.deepcopy(target)
-    draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)
+    if kind == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)
+    elif kind == "int4-sim":
+        with torch.no_grad():
+            for module in draft.modules():
+                if isinstance(module, nn.Linear):
+                    # a fresh Parameter unties a tied lm_head from the (unquantized) embedding
+                    module.weight = nn.Parameter(_int4_simulated(module.weight), requires_grad=False)
+    else:
+        raise ValueError(f"kind must be 'int8' or 'int4-sim', got {kind!r}")
     draft.eval()
     return draft
 
