@@ -21,6 +21,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,7 +70,9 @@ def forward_table(name: str, sizes: list[int], prefix: int, width: int, repeats:
         for n in sizes:
             tree = star_tree(1, n, vocab, gen)
 
-            def step(model: nn.Module = model, tree: TokenTree = tree, state: KVState = state) -> None:
+            def step(
+                model: nn.Module = model, tree: TokenTree = tree, state: KVState = state
+            ) -> None:
                 tree_forward(model, tree, state)
                 commit(state, torch.full((1, 1), -1, dtype=torch.int64))  # keeps the root only
 
@@ -87,11 +90,12 @@ def forward_table(name: str, sizes: list[int], prefix: int, width: int, repeats:
     four = median_time(lambda: grow(4), repeats)
     print(
         f"draft grow: depth 1 (root forward) {one * 1e3:.1f} ms; depth 4, width {width}: "
-        f"{four * 1e3:.1f} ms; one beam step ({width}-token frontier) {(four - one) / 3 * 1e3:.1f} ms"
+        f"{four * 1e3:.1f} ms; one beam step ({width}-token frontier) "
+        f"{(four - one) / 3 * 1e3:.1f} ms"
     )
 
 
-def greedy_continuations(target: nn.Module, prompts: list[list[int]], new: int) -> list[list[int]]:
+def greedy_continuations(target: Any, prompts: list[list[int]], new: int) -> list[list[int]]:
     out = []
     for p in prompts:
         with torch.no_grad():
@@ -100,6 +104,25 @@ def greedy_continuations(target: nn.Module, prompts: list[list[int]], new: int) 
             )
         out.append(seq[0].tolist())
     return out
+
+
+def decode_costs(models: dict[str, nn.Module], prompt: list[int], repeats: int) -> dict[str, float]:
+    """Median time of one decode step (a 1-node tree + commit) per model, interleaved.
+
+    The models take turns within each repetition so that load from other processes
+    affects them alike.
+    """
+    states = {label: prefill(model, [prompt])[0] for label, model in models.items()}
+    tree = TokenTree([1], [-1], [0.0])
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for rep in range(repeats + 1):
+        for label, model in models.items():
+            start = time.perf_counter()
+            tree_forward(model, tree, states[label])
+            commit(states[label], torch.full((1, 1), -1, dtype=torch.int64))
+            if rep > 0:  # the first round warms up
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
@@ -111,23 +134,14 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
 
     def argmax_along(model: nn.Module, seq: list[int], start: int) -> torch.Tensor:
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([seq])).logits[0]
+            logits: torch.Tensor = model(input_ids=torch.tensor([seq])).logits[0]
         return logits[start - 1 : -1].argmax(-1)
 
     gen = torch.Generator().manual_seed(0)
     decode_prompt = torch.randint(0, int(target.config.vocab_size), (128,), generator=gen).tolist()
-
-    def decode_cost(model: nn.Module) -> float:
-        state, _ = prefill(model, [decode_prompt])
-        tree = TokenTree([1], [-1], [0.0])
-
-        def step() -> None:
-            tree_forward(model, tree, state)
-            commit(state, torch.full((1, 1), -1, dtype=torch.int64))
-
-        return median_time(step, repeats)
-
-    t_target = decode_cost(target)
+    models = {"target": target, "int8": int8, "int4-sim": int4}
+    costs = decode_costs(models, decode_prompt, repeats)
+    t_target = costs["target"]
     print(
         f"\n{name}: draft choice over {len(seqs)} prompts x {new} greedy target tokens; "
         f"target decode step {t_target * 1e3:.1f} ms"
@@ -141,7 +155,7 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
             agree += int((ref == got).sum())
             total += ref.numel()
         alpha = agree / total
-        cost = decode_cost(model) / t_target
+        cost = costs[label] / t_target
         k = 4
         emitted = sum(alpha**i for i in range(k + 1))  # E[accepted] + 1 under i.i.d. acceptance
         print(f"{label:>9} {alpha:>10.3f} {cost:>12.2f} {emitted / (1 + k * cost):>25.2f}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
@@ -12,7 +14,8 @@ from adaspec.tree import TokenTree, path_to
 def plain_logits(model: nn.Module, tokens: list[int]) -> Tensor:
     """(L, V) float32 logits of a plain forward of one sequence, transformers' own masks."""
     with torch.no_grad():
-        return model(input_ids=torch.tensor([tokens])).logits[0].float()
+        logits: Tensor = model(input_ids=torch.tensor([tokens])).logits[0].float()
+    return logits
 
 
 def plain_cache(model: nn.Module, tokens: list[int]) -> list[tuple[Tensor, Tensor]]:
@@ -20,7 +23,13 @@ def plain_cache(model: nn.Module, tokens: list[int]) -> list[tuple[Tensor, Tenso
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
-    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+    return [(layer.keys[0], layer.values[0]) for layer in cache_layers(cache)]
+
+
+def cache_layers(state_or_cache: Any) -> list[Any]:
+    """The layers of a DynamicCache or of a KVState's cache (typed loosely)."""
+    cache = getattr(state_or_cache, "cache", state_or_cache)
+    return list(cache.layers)
 
 
 def path_tokens(tree: TokenTree, r: int, node: int) -> list[int]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models_oracles import path_tokens, plain_cache, plain_logits, random_path, random_tree
 
-from adaspec.acceptance import grow_tree
+from adaspec.acceptance import TreeGrower, grow_tree
 from adaspec.models import (
     KVState,
     commit,
@@ -22,7 +22,15 @@ from adaspec.models import (
     tiny_model,
     tree_forward,
 )
-from adaspec.tree import TokenTree, build_optimal, path_to
+from adaspec.tree import SubTree, TokenTree, build_optimal, path_to
+from models_oracles import (
+    cache_layers,
+    path_tokens,
+    plain_cache,
+    plain_logits,
+    random_path,
+    random_tree,
+)
 
 VOCAB = 101
 WINDOW = 4  # gemma3's sliding window in the tiny model: prefixes below cross it
@@ -47,7 +55,7 @@ def pad_paths(paths: list[list[int]]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("key", KEYS, ids=IDS)
-def test_prefill_matches_plain_forward(key):
+def test_prefill_matches_plain_forward(key: tuple[str, str]) -> None:
     model = MODELS[key]
     prompts = prompts_of(torch.Generator().manual_seed(0), [1, 11, 5])
     state, logits = prefill(model, prompts)
@@ -57,7 +65,7 @@ def test_prefill_matches_plain_forward(key):
         torch.testing.assert_close(logits[r], plain_logits(model, p)[-1], atol=ATOL, rtol=0)
     # the cache equals a plain forward's, slot for slot
     for r, p in enumerate(prompts):
-        for layer, (k, v) in zip(state.cache.layers, plain_cache(model, p), strict=True):
+        for layer, (k, v) in zip(cache_layers(state), plain_cache(model, p), strict=True):
             torch.testing.assert_close(layer.keys[r, :, : len(p)], k, atol=1e-5, rtol=0)
             torch.testing.assert_close(layer.values[r, :, : len(p)], v, atol=1e-5, rtol=0)
 
@@ -69,7 +77,9 @@ def test_prefill_matches_plain_forward(key):
     sizes=st.lists(st.integers(1, 7), min_size=4, max_size=4),
     seed=st.integers(0, 2**16),
 )
-def test_tree_forward_matches_per_path_forward(key, lengths, sizes, seed):
+def test_tree_forward_matches_per_path_forward(
+    key: tuple[str, str], lengths: list[int], sizes: list[int], seed: int
+) -> None:
     """Every node's logits == a plain forward of prefix + root->node, in a mixed batch."""
     model = MODELS[key]
     gen = torch.Generator().manual_seed(seed)
@@ -92,7 +102,7 @@ def test_tree_forward_matches_per_path_forward(key, lengths, sizes, seed):
 
 
 @pytest.mark.parametrize("key", KEYS, ids=IDS)
-def test_commit_leaves_the_cache_of_a_plain_decode(key):
+def test_commit_leaves_the_cache_of_a_plain_decode(key: tuple[str, str]) -> None:
     """Several steps of tree_forward + commit == plain decoding of the emitted tokens."""
     model = MODELS[key]
     gen = torch.Generator().manual_seed(1)
@@ -112,7 +122,7 @@ def test_commit_leaves_the_cache_of_a_plain_decode(key):
         for r, (t, p) in enumerate(zip(trees, paths, strict=True)):
             seqs[r] = seqs[r] + t.tokens[0, [0, *p]].tolist()
     for r, seq in enumerate(seqs):
-        for layer, (k, v) in zip(state.cache.layers, plain_cache(model, seq), strict=True):
+        for layer, (k, v) in zip(cache_layers(state), plain_cache(model, seq), strict=True):
             torch.testing.assert_close(layer.keys[r, :, : len(seq)], k, atol=1e-5, rtol=0)
             torch.testing.assert_close(layer.values[r, :, : len(seq)], v, atol=1e-5, rtol=0)
     nxt = torch.tensor([[3], [4], [5]])
@@ -124,7 +134,7 @@ def test_commit_leaves_the_cache_of_a_plain_decode(key):
 
 
 @pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])
-def test_batch_equals_each_request_alone(key):
+def test_batch_equals_each_request_alone(key: tuple[str, str]) -> None:
     model = MODELS[key]
     gen = torch.Generator().manual_seed(2)
     prompts = prompts_of(gen, [3, 12, 1, 7])
@@ -139,10 +149,12 @@ def test_batch_equals_each_request_alone(key):
         torch.testing.assert_close(out[r, :n], out_alone[0], atol=ATOL, rtol=0)
 
 
-def plain_beam(model, seqs, roots, depth, width):
+def plain_beam(
+    model: Any, seqs: list[list[int]], roots: torch.Tensor, depth: int, width: int
+) -> SubTree:
     """grow_tree with logits from a plain forward of every frontier node's full path."""
 
-    def logits_fn(grower):
+    def logits_fn(grower: TreeGrower) -> torch.Tensor:
         tree = grower.tree()
         return torch.stack(
             [
@@ -160,7 +172,7 @@ def plain_beam(model, seqs, roots, depth, width):
 
 
 @pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])
-def test_draft_tree_matches_plain_beam_across_steps(key):
+def test_draft_tree_matches_plain_beam_across_steps(key: tuple[str, str]) -> None:
     """Draft trees == a beam over plain forwards, step after step, with backlogged leaves."""
     model = MODELS[key]
     gen = torch.Generator().manual_seed(3)
@@ -168,7 +180,7 @@ def test_draft_tree_matches_plain_beam_across_steps(key):
     state, logits = prefill(model, seqs)
     roots = logits.argmax(-1)
     backlogged = 0
-    for step in range(2):
+    for _step in range(2):
         out = grow_draft_tree(model, state, roots, depth=3, width=2)
         ref = plain_beam(model, seqs, roots, 3, 2)
         assert torch.equal(out.candidates.tokens, ref.tree.tokens)
@@ -198,7 +210,7 @@ def test_draft_tree_matches_plain_beam_across_steps(key):
     assert backlogged > 0  # the next step forwarded a backlogged leaf before its root
 
 
-def test_select_keeps_requests():
+def test_select_keeps_requests() -> None:
     model = MODELS[("llama", "sdpa")]
     prompts = prompts_of(torch.Generator().manual_seed(4), [3, 8, 5])
     state, _ = prefill(model, prompts)
@@ -210,7 +222,7 @@ def test_select_keeps_requests():
         torch.testing.assert_close(out[r, 0], plain_logits(model, [*p, 9])[-1], atol=ATOL, rtol=0)
 
 
-def test_bad_input_is_rejected():
+def test_bad_input_is_rejected() -> None:
     model = MODELS[("llama", "sdpa")]
     state, _ = prefill(model, [[1, 2], [3]])
     one = TokenTree([5], [-1], [0.0])
@@ -238,14 +250,15 @@ def test_bad_input_is_rejected():
         KVState.empty(0)
 
 
-def test_importing_adaspec_does_not_import_transformers():
+def test_importing_adaspec_does_not_import_transformers() -> None:
     import os
 
     import adaspec
 
     src = os.path.dirname(os.path.dirname(adaspec.__file__))
     env = {**os.environ, "PYTHONPATH": src}
-    code = "import sys, adaspec, adaspec.tree, adaspec.acceptance; print('transformers' in sys.modules)"
+    code = "import sys, adaspec, adaspec.tree, adaspec.acceptance; "
+    code += "print('transformers' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )

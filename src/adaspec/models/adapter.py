@@ -99,22 +99,20 @@ class KVState:
         lens = self.lens[idx]
         keep = int(lens.max()) + self.pending
         cache = DynamicCache()
-        for i, layer in enumerate(self.cache.layers):
-            if layer.keys is None or layer.keys.numel() == 0:
-                continue
-            cache.update(
-                layer.keys[idx, :, :keep].clone(), layer.values[idx, :, :keep].clone(), i
-            )
+        for i, layer in enumerate(_layers(self)):
+            cache.update(layer.keys[idx, :, :keep].clone(), layer.values[idx, :, :keep].clone(), i)
         return KVState(cache, lens, self.pending, self.pending_pos[idx], self.backlog[idx])
 
 
 def _layers(state: KVState) -> list[Any]:
-    return [layer for layer in state.cache.layers if getattr(layer, "keys", None) is not None]
+    """The cache layers that hold keys (all of them once anything was forwarded)."""
+    layers: list[Any] = list(state.cache.layers)
+    return [layer for layer in layers if getattr(layer, "keys", None) is not None]
 
 
 def _sliding(model: nn.Module) -> tuple[int | None, list[str] | None]:
     """(window, layer types) of a model's text config; window None without sliding layers."""
-    config = model.config
+    config: Any = model.config
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None)
@@ -171,7 +169,11 @@ def _forward_block(
     else:
         near = positions.unsqueeze(2) - kv_pos.unsqueeze(1) < window  # [R, Q, P + Q]
         slide = additive(vis & near)
-        mask = slide if types is None else {"full_attention": additive(vis), "sliding_attention": slide}
+        mask = (
+            slide
+            if types is None
+            else {"full_attention": additive(vis), "sliding_attention": slide}
+        )
 
     with torch.no_grad():
         out = model(
@@ -193,7 +195,8 @@ def _forward_block(
     state.pending = pend + Q
     state.pending_pos = torch.cat([state.pending_pos, positions], dim=1)
     # the cache is now max(lens) + pending long: no slot past it was written
-    return out.logits.float()  # [R, Q, V]
+    logits: Tensor = out.logits.float()  # [R, Q, V]
+    return logits
 
 
 def _crop(state: KVState) -> None:
@@ -209,11 +212,16 @@ def _check_state(state: KVState, name: str = "state") -> None:
         raise TypeError(f"{name} must be a KVState, got {type(state).__name__}")
 
 
-def _as_chains(sequences: Tensor | list[list[int]] | list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+def _as_chains(
+    sequences: Tensor | list[list[int]] | list[Tensor], device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Right-padded (R, C) int64 token chains and their (R,) lengths from a list or tensor."""
     if isinstance(sequences, Tensor):
         if sequences.dim() != 2 or sequences.dtype != torch.int64:
-            raise ValueError(f"prompts must be an (R, L) int64 tensor or a list of lists, got {sequences.dtype} {tuple(sequences.shape)}")
+            raise ValueError(
+                "prompts must be an (R, L) int64 tensor or a list of lists, got "
+                f"{sequences.dtype} {tuple(sequences.shape)}"
+            )
         seqs = list(sequences)
     else:
         seqs = [torch.as_tensor(s, dtype=torch.int64).reshape(-1) for s in sequences]
@@ -228,7 +236,9 @@ def _as_chains(sequences: Tensor | list[list[int]] | list[Tensor], device: torch
     return chains, counts
 
 
-def _extend(model: nn.Module, state: KVState, chains: Tensor, counts: Tensor, keep_last: bool) -> Tensor:
+def _extend(
+    model: nn.Module, state: KVState, chains: Tensor, counts: Tensor, keep_last: bool
+) -> Tensor:
     """Append per-request chains of tokens after each prefix; logits at each chain's last token.
 
     With ``keep_last`` the last token of each chain stays pending as node 0 (a tree root);
@@ -294,7 +304,9 @@ def prefill(
         state = KVState.empty(chains.shape[0], dev)
     _check_state(state)
     if state.num_requests != chains.shape[0]:
-        raise ValueError(f"prompts has {chains.shape[0]} requests but the state has {state.num_requests}")
+        raise ValueError(
+            f"prompts has {chains.shape[0]} requests but the state has {state.num_requests}"
+        )
     return state, _extend(model, state, chains, counts, keep_last=False)
 
 
@@ -333,11 +345,15 @@ def tree_forward(model: nn.Module, tree: TokenTree, state: KVState) -> Tensor:
     if not isinstance(tree, TokenTree):
         raise TypeError(f"tree must be a TokenTree, got {type(tree).__name__}")
     if tree.num_requests != state.num_requests:
-        raise ValueError(f"tree has {tree.num_requests} requests but the state has {state.num_requests}")
+        raise ValueError(
+            f"tree has {tree.num_requests} requests but the state has {state.num_requests}"
+        )
     if state.pending != 0:
         raise ValueError("the state already holds an uncommitted tree; call commit() first")
     if state.backlog.shape[1] > 0 and bool((state.backlog >= 0).any()):
-        raise ValueError("the state has a backlog of uncached tokens (a draft state); use grow_draft_tree")
+        raise ValueError(
+            "the state has a backlog of uncached tokens (a draft state); use grow_draft_tree"
+        )
     dev = state.lens.device
     tree = tree.to(dev)
     positions = state.lens.unsqueeze(1) + tree.depth  # [R, N]
@@ -368,7 +384,9 @@ def commit(state: KVState, accepted: Tensor) -> Tensor:
         raise ValueError("the state has no pending tree to commit")
     accepted = torch.as_tensor(accepted, dtype=torch.int64, device=state.lens.device)
     if accepted.dim() != 2 or accepted.shape[0] != state.num_requests:
-        raise ValueError(f"accepted must have shape ({state.num_requests}, A), got {tuple(accepted.shape)}")
+        raise ValueError(
+            f"accepted must have shape ({state.num_requests}, A), got {tuple(accepted.shape)}"
+        )
     valid = accepted >= 0
     if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError("accepted must be -1 padded on the right only")

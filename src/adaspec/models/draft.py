@@ -49,7 +49,8 @@ def map_accepted(accepted: Tensor, kept: Tensor) -> Tensor:
     """
     if accepted.dim() != 2 or kept.dim() != 2 or accepted.shape[0] != kept.shape[0]:
         raise ValueError(
-            f"accepted (R, A) and kept (R, M) must share R, got {tuple(accepted.shape)} and {tuple(kept.shape)}"
+            "accepted (R, A) and kept (R, M) must share R, got "
+            f"{tuple(accepted.shape)} and {tuple(kept.shape)}"
         )
     if bool((accepted >= kept.shape[1]).any()):
         raise ValueError(f"accepted holds node indices >= {kept.shape[1]}, the size of kept")
@@ -103,7 +104,9 @@ def grow_draft_tree(
     """
     _check_state(state)
     if root_tokens.dim() != 1 or root_tokens.shape[0] != state.num_requests:
-        raise ValueError(f"root_tokens must have shape ({state.num_requests},), got {tuple(root_tokens.shape)}")
+        raise ValueError(
+            f"root_tokens must have shape ({state.num_requests},), got {tuple(root_tokens.shape)}"
+        )
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be an int >= 0, got {depth!r}")
     dev = state.lens.device
@@ -123,7 +126,9 @@ def grow_draft_tree(
         tree = grower.tree()
         frontier = grower.frontier  # [R, W] node indices
         R, W = frontier.shape
-        visible = ancestor_mask(tree).gather(1, frontier.unsqueeze(2).expand(R, W, tree.max_nodes))  # [R, W, n]
+        visible = ancestor_mask(tree).gather(
+            1, frontier.unsqueeze(2).expand(R, W, tree.max_nodes)
+        )  # [R, W, n]
         positions = state.lens.unsqueeze(1) + tree.depth.gather(1, frontier)
         grower.expand(_forward_block(draft, state, grower.frontier_tokens, positions, visible))
     cand = grower.candidates()
@@ -139,7 +144,10 @@ def commit_draft(state: KVState, draft_tree: DraftTree, accepted: Tensor) -> Ten
     forwarded (the deepest level) go to ``state.backlog``. Returns the new (R,) ``lens``.
     """
     _check_state(state)
-    grown = map_accepted(torch.as_tensor(accepted, dtype=torch.int64, device=state.lens.device), draft_tree.grown_index)
+    grown = map_accepted(
+        torch.as_tensor(accepted, dtype=torch.int64, device=state.lens.device),
+        draft_tree.grown_index,
+    )
     cached = (grown >= 0) & (grown < state.pending)
     late = (grown >= 0) & ~cached
     # along a path node indices grow, so uncached nodes come after every cached one

@@ -187,7 +187,7 @@ def _fixed_tokenizer(name: str, gguf: Path) -> Any:
         # SmolLM2 uses no BOS; eos and pad are <|im_end|>. A plain ByteLevel post-processor
         # gives the same ids in transformers 4.57 (which adds a wrong BOS) and 5.x.
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-        tok = PreTrainedTokenizerFast(
+        tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
             tokenizer_object=backend,
             eos_token="<|im_end|>",
             pad_token="<|im_end|>",
@@ -202,7 +202,7 @@ def _fixed_tokenizer(name: str, gguf: Path) -> Any:
             pair=f"{bos} $A $B",
             special_tokens=[(bos, loaded.convert_tokens_to_ids(bos))],
         )
-        tok = PreTrainedTokenizerFast(
+        tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
             tokenizer_object=backend,
             bos_token=bos,
             eos_token=loaded.eos_token,
@@ -229,7 +229,7 @@ def _convert(name: str, dest: Path) -> None:
         )
         # transformers 5.x refuses to save a model it still considers GGUF-quantized, although
         # the weights were dequantized on load.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         out = work / "model"
@@ -291,13 +291,15 @@ def make_draft(target: nn.Module, kind: str = "int8") -> nn.Module:
     if kind == "int8":
         from torch.ao.quantization import quantize_dynamic
 
-        draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)
+        draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
     elif kind == "int4-sim":
         with torch.no_grad():
             for module in draft.modules():
                 if isinstance(module, nn.Linear):
                     # a fresh Parameter unties a tied lm_head from the (unquantized) embedding
-                    module.weight = nn.Parameter(_int4_simulated(module.weight), requires_grad=False)
+                    module.weight = nn.Parameter(
+                        _int4_simulated(module.weight), requires_grad=False
+                    )
     else:
         raise ValueError(f"kind must be 'int8' or 'int4-sim', got {kind!r}")
     draft.eval()
@@ -341,14 +343,16 @@ def load_pair(
 
     spec = _spec(name)
     if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}")
+        raise ValueError(
+            f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
+        )
     path = converted_dir(name)
     if not (path / "adaspec.json").is_file():
         if not convert:
             raise FileNotFoundError(f"no converted {name!r} in {path}; call load_pair({name!r})")
         _package_dir(spec)  # the clear error before any work
         _convert(name, path)
-    target = AutoModelForCausalLM.from_pretrained(
+    target: nn.Module = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=torch.float32,
         local_files_only=True,

