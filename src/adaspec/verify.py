@@ -418,7 +418,10 @@ def _walk_trie(tree: TokenTree, choose: _ChooseFn) -> tuple[Tensor, Tensor]:
     last = torch.zeros(R, dtype=torch.int64, device=dev)
     bonus = torch.full((R,), -1, dtype=torch.int64, device=dev)
     rows = torch.arange(R, device=dev)
-    while rows.numel() > 0:
+    # a path grows by one node per pass; the bound only guards against malformed trees
+    for _ in range(int(tree.depth.max()) + 1):
+        if rows.numel() == 0:
+            break
         f = frontier[rows]  # [A, N]
         rep = f.to(torch.uint8).argmax(1)  # [A] lowest-indexed node of the set
         y = choose(rows, rep)  # [A]
@@ -468,7 +471,9 @@ def _walk_draft(
     bonus = torch.full((R,), -1, dtype=torch.int64, device=dev)
     last = torch.zeros(R, dtype=torch.int64, device=dev)
     rows = torch.arange(R, device=dev)
-    while rows.numel() > 0:
+    for _ in range(int(tree.depth.max()) + 1):
+        if rows.numel() == 0:
+            break
         A = rows.numel()
         node = cur[rows]  # [A]
         # float64 residuals: the rule divides by residual masses that can be tiny
