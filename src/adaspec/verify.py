@@ -265,7 +265,7 @@ class _UniformDraws:
         # inverse CDF accumulated in float64: a float32 cumsum over 10^5 tokens drifts by
         # ~1e-5, enough to misplace the whole mass of the rare tokens
         cdf = probs.cumsum(-1, dtype=torch.float64)  # [A, V]
-        total = cdf[:, -1:]
+        total = cdf[:, -1:].contiguous()
         y = torch.searchsorted(cdf, self._next(rows).unsqueeze(1) * total, right=True)
         # u * total can round up to total; the last token with nonzero mass is the cap
         last = torch.searchsorted(cdf, total, right=False)
