@@ -1,0 +1,17 @@
+"""The speculative generation loop: a step-level :class:`Engine` and :func:`generate`."""
+
+from adaspec.engine.core import SLO, Engine, EngineConfig, RequestOutput, RequestStats, RunStats
+from adaspec.engine.generate import GenerateOutput, generate
+from adaspec.engine.latency import LatencyModel
+
+__all__ = [
+    "SLO",
+    "Engine",
+    "EngineConfig",
+    "GenerateOutput",
+    "LatencyModel",
+    "RequestOutput",
+    "RequestStats",
+    "RunStats",
+    "generate",
+]

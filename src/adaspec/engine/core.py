@@ -1,0 +1,628 @@
+"""A step-level engine: SLO-customized tree speculation over a batch of live requests.
+
+One :meth:`Engine.step`:
+
+    draft beam expansion (draft KV cache, frontier only)      -> candidate trees
+    tokens_needed from each request's SLO clock               -> needs
+    select under the step's token budget                      -> selected trees
+    tree_forward of the target over every selected tree       -> target logits
+    verify (greedy, or sampled with the deterministic-children rule)
+    commit the accepted paths into both caches, emit tokens, update clocks and models
+
+Requests join between steps (continuous batching up to ``max_batch``) and leave when they
+hit a stop token or ``max_new_tokens``; their cache rows are freed at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from adaspec.acceptance import Calibrator
+from adaspec.engine.latency import LatencyModel
+from adaspec.models import (
+    KVState,
+    commit,
+    commit_draft,
+    grow_draft_tree,
+    map_accepted,
+    prefill,
+    tree_forward,
+)
+from adaspec.engine.batching import append_backlog, concat_states, drop_last_token
+from adaspec.select import select, tokens_needed
+from adaspec.tree import TokenTree
+from adaspec.verify import SpecStats, VerifyResult, verify
+
+__all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
+
+# with the auto budget, a run of plain steps re-probes speculation this often
+_PROBE_EVERY = 8
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A latency target: ``tpot`` seconds per output token, with an optional class name."""
+
+    tpot: float
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tpot > 0:
+            raise ValueError(f"SLO tpot must be > 0 seconds per token, got {self.tpot}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine speculates. Defaults were chosen on the two shipped CPU pairs.
+
+    Attributes:
+        depth: levels of the draft beam below the root (0 disables speculation).
+        width: nodes the beam keeps per level.
+        adaptive_shape: shrink the beam as the batch grows (AdaServe): each request's beam
+            is limited to about ``4 * max_tokens_per_step / R`` nodes.
+        max_per_request: cap on the nodes one request may have verified per step.
+        budget: total tree nodes verified per step, or ``"auto"``: the budget that maximises
+            expected emitted tokens per second under the step-latency model, never below
+            what the requests' SLO needs take.
+        max_tokens_per_step: upper bound of the auto budget.
+        max_batch: live requests at most; more wait in a queue.
+        calibrate: learn acceptance rates online (:class:`~adaspec.acceptance.Calibrator`)
+            and select on the calibrated estimates.
+        warmup: profile target and draft forwards once before the first step to seed the
+            latency model.
+    """
+
+    depth: int = 4
+    width: int = 4
+    adaptive_shape: bool = True
+    max_per_request: int | None = None
+    budget: int | Literal["auto"] = "auto"
+    max_tokens_per_step: int = 256
+    max_batch: int = 32
+    calibrate: bool = True
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "max_tokens_per_step", "max_batch", "width"):
+            value = getattr(self, name)
+            low = 0 if name == "depth" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EngineConfig.{name} must be an int >= {low}, got {value!r}")
+        if self.budget != "auto" and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1
+        ):
+            raise ValueError(f"EngineConfig.budget must be an int >= 1 or 'auto', got {self.budget!r}")
+        if self.max_per_request is not None and self.max_per_request < 1:
+            raise ValueError(f"EngineConfig.max_per_request must be >= 1, got {self.max_per_request}")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one request produced in one step."""
+
+    request_id: int
+    new_tokens: list[int]
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """A request's latency record.
+
+    ``decode_time`` runs from the start of the request's first step to the end of its last
+    (its prefill is not counted: TPOT is a decode-phase target).
+    """
+
+    request_id: int
+    prompt_tokens: int
+    tokens: int
+    decode_time: float
+    steps: int
+    slo: SLO | None
+
+    @property
+    def tpot(self) -> float:
+        """Achieved seconds per output token."""
+        return self.decode_time / self.tokens if self.tokens else float("nan")
+
+    @property
+    def tau(self) -> float:
+        """Emitted tokens per target forward for this request."""
+        return self.tokens / self.steps if self.steps else float("nan")
+
+    @property
+    def attained(self) -> bool | None:
+        """Whether decode time <= SLO x tokens (None without an SLO)."""
+        if self.slo is None:
+            return None
+        return self.decode_time <= self.slo.tpot * self.tokens
+
+
+@dataclass
+class RunStats:
+    """Counters of a run: vLLM-shaped speculation counters plus SLO and time accounting."""
+
+    spec: SpecStats = field(default_factory=SpecStats.zeros)
+    steps: int = 0
+    target_tokens: int = 0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    overhead_time: float = 0.0
+    prefill_time: float = 0.0
+    wall_time: float = 0.0
+    requests: list[RequestStats] = field(default_factory=list)
+
+    @property
+    def emitted_tokens(self) -> int:
+        return sum(r.tokens for r in self.requests)
+
+    @property
+    def throughput(self) -> float:
+        """Emitted tokens per second of wall time."""
+        return self.emitted_tokens / self.wall_time if self.wall_time > 0 else float("nan")
+
+    @property
+    def attainment(self) -> float:
+        """Share of requests with an SLO that met it (nan if none had one)."""
+        judged = [r.attained for r in self.requests if r.attained is not None]
+        return sum(judged) / len(judged) if judged else float("nan")
+
+    @property
+    def goodput(self) -> float:
+        """Tokens per second of wall time from requests that met their SLO."""
+        good = sum(r.tokens for r in self.requests if r.attained)
+        return good / self.wall_time if self.wall_time > 0 else float("nan")
+
+    @property
+    def tau(self) -> float:
+        """Mean emitted tokens per verified tree."""
+        return self.spec.mean_accepted_length
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": len(self.requests),
+            "steps": self.steps,
+            "emitted_tokens": self.emitted_tokens,
+            "throughput_tok_s": self.throughput,
+            "tau": self.tau,
+            "slo_attainment": self.attainment,
+            "goodput_tok_s": self.goodput,
+            "time_s": {
+                "draft": self.draft_time,
+                "verify": self.verify_time,
+                "select_verify_overhead": self.overhead_time,
+                "prefill": self.prefill_time,
+                "wall": self.wall_time,
+            },
+            **{f"spec_{k}": v for k, v in self.spec.as_dict().items()},
+        }
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    slo: SLO | None
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    stop: frozenset[int]
+    generator: torch.Generator | None
+    root: int
+    output: list[int] = field(default_factory=list)
+    start: float | None = None
+    decode_time: float = 0.0
+    steps: int = 0
+
+    def stats(self) -> RequestStats:
+        return RequestStats(self.id, len(self.prompt), len(self.output), self.decode_time, self.steps, self.slo)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Engine:
+    """SLO-customized tree speculation for a batch of requests, one step at a time.
+
+    Args:
+        target: a transformers causal LM (the model whose output is reproduced).
+        draft: a cheaper causal LM with the same tokenizer (proposes the candidate trees).
+        tokenizer: optional; lets :meth:`add_request` take strings and provides the eos
+            token as a default stop token.
+        config: an :class:`EngineConfig`.
+
+    Example::
+
+        engine = Engine(target, draft, tokenizer=tok)
+        rid = engine.add_request("Hello", slo=0.05, max_new_tokens=32)
+        while engine.has_unfinished():
+            for out in engine.step():
+                print(out.request_id, out.new_tokens, out.finished)
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        draft: nn.Module,
+        *,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.device = _model_device(target)
+        self.stats = RunStats()
+        self.verify_latency = LatencyModel()
+        self.draft_latency = LatencyModel()
+        self.calibrator = Calibrator() if self.config.calibrate else None
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._target_state: KVState | None = None
+        self._draft_state: KVState | None = None
+        self._next_id = 0
+        if self.config.warmup:
+            self._warmup()
+        self._spec_rate: float | None = None  # emitted tokens / s of the last speculative step
+        self._plain_streak = 0  # plain steps since the last speculative one
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        prompt: str | Sequence[int] | Tensor,
+        *,
+        slo: float | SLO | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: Iterable[int] | None = None,
+        seed: int | None = None,
+    ) -> int:
+        """Queue a request; returns its id. It joins the batch at the next step with room.
+
+        ``prompt``: token ids (a list or 1-D tensor), or a string when the engine has a
+        tokenizer. ``slo``: seconds per output token (or an :class:`SLO`), None for best
+        effort. ``stop``: token ids that end the request (emitted, then nothing after);
+        defaults to the tokenizer's eos token. ``seed`` seeds this request's sampling.
+        """
+        ids = self.encode(prompt)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be an int >= 0 or None, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
+        if slo is not None and not isinstance(slo, SLO):
+            slo = SLO(float(slo))
+        if stop is None:
+            eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+            stop_set = frozenset([eos] if isinstance(eos, int) else [])
+        else:
+            stop_set = frozenset(int(t) for t in stop)
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        req = _Request(
+            id=self._next_id,
+            prompt=ids,
+            slo=slo,
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_k=int(top_k or 0),
+            top_p=float(top_p if top_p is not None else 1.0),
+            stop=stop_set,
+            generator=gen,
+            root=ids[-1],
+        )
+        self._next_id += 1
+        self._waiting.append(req)
+        return req.id
+
+    def encode(self, prompt: str | Sequence[int] | Tensor) -> list[int]:
+        """Token ids of a prompt (a string needs the engine's tokenizer); validates it."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TypeError("prompt is a string but the engine has no tokenizer; pass token ids")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point:
+                raise ValueError(f"prompt must be a 1-D integer tensor, got {prompt.dtype} {tuple(prompt.shape)}")
+            ids = [int(t) for t in prompt.tolist()]
+        elif isinstance(prompt, Sequence):
+            ids = [int(t) for t in prompt]
+        else:
+            raise TypeError(f"prompt must be a string, a list of token ids or a tensor, got {type(prompt).__name__}")
+        if len(ids) == 0:
+            raise ValueError("prompt must hold at least one token, got an empty prompt")
+        if min(ids) < 0:
+            raise ValueError("prompt token ids must be >= 0")
+        return ids
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self._waiting or self._active)
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a request; returns False if it is unknown or already finished."""
+        for i, req in enumerate(self._waiting):
+            if req.id == request_id:
+                del self._waiting[i]
+                return True
+        for i, req in enumerate(self._active):
+            if req.id == request_id:
+                self._finish([i])
+                return True
+        return False
+
+    # ------------------------------------------------------------------ batching
+    def _admit(self) -> None:
+        room = self.config.max_batch - len(self._active)
+        new: list[_Request] = []
+        while self._waiting and len(new) < room:
+            new.append(self._waiting.popleft())
+        if not new:
+            return
+        t0 = time.perf_counter()
+        # the whole prompt is prefilled, then its last token is taken back out of the cache:
+        # it is the root of the first tree, forwarded with that tree
+        states = []
+        for model in (self.target, self.draft):
+            state, _ = prefill(model, [r.prompt for r in new])
+            drop_last_token(state)
+            states.append(state)
+        self._target_state = concat_states(self._target_state, states[0])
+        self._draft_state = concat_states(self._draft_state, states[1])
+        self._active.extend(new)
+        self.stats.prefill_time += time.perf_counter() - t0
+
+    def _finish(self, rows: list[int]) -> None:
+        keep = [i for i in range(len(self._active)) if i not in set(rows)]
+        for i in rows:
+            self.stats.requests.append(self._active[i].stats())
+        self._active = [self._active[i] for i in keep]
+        if keep:
+            assert self._target_state is not None and self._draft_state is not None
+            self._target_state = self._target_state.select(keep)
+            self._draft_state = self._draft_state.select(keep)
+        else:
+            self._target_state = self._draft_state = None
+
+    # ------------------------------------------------------------------ the step
+    def _sampling(self) -> tuple[float | Tensor, Tensor | None, Tensor | None, bool]:
+        reqs = self._active
+        greedy = all(r.temperature == 0 for r in reqs)
+        if greedy:
+            return 0.0, None, None, True
+        temp = torch.tensor([r.temperature for r in reqs], device=self.device)
+        top_k = torch.tensor([r.top_k for r in reqs], device=self.device)
+        top_p = torch.tensor([r.top_p for r in reqs], device=self.device)
+        return temp, top_k, top_p, False
+
+    def _beam_shape(self, R: int) -> tuple[int, int]:
+        depth, width = self.config.depth, self.config.width
+        if self.config.adaptive_shape and depth > 0:
+            # AdaServe shrinks the beam as the batch grows: keep about 4x the per-request
+            # share of the step's token bound in candidates
+            share = max(1, 4 * self.config.max_tokens_per_step // R)
+            while depth * width > share and width > 1:
+                width -= 1
+            while depth * width > share and depth > 1:
+                depth -= 1
+        return depth, width
+
+    def _warmup(self) -> None:
+        """Seed both latency models with a few timed forwards on a short dummy prefix."""
+        for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
+            state, _ = prefill(model, [[0] * 16])
+            for n in (1, 4, 16, 32):
+                tree = TokenTree([0] * n, [-1] + list(range(n - 1)), [0.0] * n)
+                t0 = time.perf_counter()
+                tree_forward(model, tree, state)
+                lat.observe(n, time.perf_counter() - t0)
+                commit(state, torch.full((1, 1), -1, dtype=torch.int64))
+                drop_last_token(state)
+
+    def _auto_budget(self, cand: TokenTree, need: Tensor, cap: int | None, draft_seconds: float) -> int:
+        """The budget with the most expected emitted tokens per second, at least the SLO share."""
+        R, N = cand.tokens.shape
+        if not self.verify_latency.observed:  # nothing measured yet: verify everything once
+            return max(R, min(int(cand.num_nodes.sum()), self.config.max_tokens_per_step))
+        f = cand.logp.exp()  # [R, N]
+        if cap is not None:
+            order = f.argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(N).expand(R, N))
+            f = torch.where(rank < cap, f, 0.0)
+        f_sorted = f.sort(dim=1, descending=True).values  # [R, N] the root (f = 1) first
+        # nodes the SLO needs take: per request the shortest best-first prefix reaching need
+        want = ((f_sorted.cumsum(1) < need.unsqueeze(1)).sum(1) + 1).clamp(max=cand.num_nodes)
+        floor = int(want.sum())
+        rest = f_sorted[:, 1:].flatten().sort(descending=True).values  # [R * (N - 1)]
+        upper = min(int(cand.num_nodes.sum()), max(self.config.max_tokens_per_step, floor))
+        budgets = torch.arange(R, upper + 1)
+        expected = R + torch.cat([torch.zeros(1), rest.cumsum(0)])[: budgets.numel()]
+        seconds = draft_seconds + self.verify_latency.predict(budgets)
+        best = int(budgets[int((expected / seconds).argmax())])
+        return max(best, min(floor, upper))
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step over every live request; returns what each produced in it."""
+        self._admit()
+        if not self._active:
+            return []
+        now = time.perf_counter()
+        for r in self._active:
+            if r.start is None:
+                r.start = now
+        if self._speculate_now():
+            emitted, counts = self._speculative_step()
+        else:
+            emitted, counts = self._plain_step()
+        self.stats.steps += 1
+        return self._emit(emitted, counts)
+
+    def _speculate_now(self) -> bool:
+        """Whether this step drafts: it pays off, an SLO needs it, or it is time to re-probe.
+
+        Speculation pays when the recent emitted tokens per second of speculative steps beat
+        the predicted rate of plain decoding (R tokens per target forward of R tokens).
+        """
+        cfg = self.config
+        if cfg.depth == 0:
+            return False
+        if cfg.budget != "auto" or self._spec_rate is None:
+            return True
+        R = len(self._active)
+        plain_rate = R / float(self.verify_latency.predict(R))
+        if self._spec_rate >= plain_rate or self._plain_streak >= _PROBE_EVERY:
+            return True
+        need = self._needs(time.perf_counter(), cfg.depth)
+        return bool((need > 1).any())
+
+    def _speculative_step(self) -> tuple[list[list[int]], list[int]]:
+        assert self._target_state is not None and self._draft_state is not None
+        cfg = self.config
+        R = len(self._active)
+        temperature, top_k, top_p, greedy = self._sampling()
+        depth, width = self._beam_shape(R)
+        t_start = time.perf_counter()
+
+        # 1. draft: candidate trees from a beam over the draft model
+        roots = torch.tensor([r.root for r in self._active], device=self.device)
+        dtree = grow_draft_tree(
+            self.draft, self._draft_state, roots, depth, width,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+        )  # fmt: skip
+        t_draft = time.perf_counter()
+        self.draft_latency.observe(max(1, R * width), t_draft - t_start)
+
+        # 2. needs from the SLO clocks, the budget, and the selection
+        cand_raw = dtree.candidates
+        cand = self.calibrator.apply(cand_raw) if self.calibrator is not None else cand_raw
+        need = self._needs(t_draft, depth)
+        if cfg.budget == "auto":
+            budget = self._auto_budget(cand, need, cfg.max_per_request, t_draft - t_start)
+        else:
+            budget = max(R, cfg.budget)
+        sel = select(cand, budget, need=need, max_per_request=cfg.max_per_request)
+        t_select = time.perf_counter()
+
+        # 3. one target forward over every selected tree
+        logits = tree_forward(self.target, sel.tree, self._target_state)  # [R, M, V]
+        t_verify = time.perf_counter()
+        n_tokens = int(sel.num_selected.sum())
+        self.verify_latency.observe(n_tokens, t_verify - t_select)
+
+        # 4. verification, then keep the accepted paths in both caches
+        res = self._verify(sel.tree, logits, temperature, top_k, top_p, greedy)
+        commit(self._target_state, res.accepted)
+        commit_draft(self._draft_state, dtree, map_accepted(res.accepted, sel.kept))
+        if self.calibrator is not None:
+            # the calibrator learns from the draft's raw estimates of the verified nodes
+            raw = cand_raw.logp.gather(1, sel.kept.clamp(min=0)).masked_fill(sel.kept < 0, float("-inf"))
+            t = sel.tree
+            self.calibrator.observe(
+                TokenTree(t.tokens, t.parents, raw, t.depth, t.num_nodes, validate=False), res.accepted
+            )
+        self.stats.spec = self.stats.spec.update(res, sel.tree)
+        emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
+        t_end = time.perf_counter()
+
+        self._spec_rate = sum(counts) / (t_end - t_start)
+        self._plain_streak = 0
+        self.stats.target_tokens += n_tokens
+        self.stats.draft_time += t_draft - t_start
+        self.stats.verify_time += t_verify - t_select
+        self.stats.overhead_time += (t_select - t_draft) + (t_end - t_verify)
+        return emitted, counts
+
+    def _plain_step(self) -> tuple[list[list[int]], list[int]]:
+        """One target forward of the roots alone; the draft catches up at its next step."""
+        assert self._target_state is not None and self._draft_state is not None
+        R = len(self._active)
+        temperature, top_k, top_p, greedy = self._sampling()
+        roots = torch.tensor([r.root for r in self._active], device=self.device)
+        tree = TokenTree(roots.unsqueeze(1), torch.full((R, 1), -1), torch.zeros(R, 1), validate=False)
+        t_start = time.perf_counter()
+        logits = tree_forward(self.target, tree, self._target_state)  # [R, 1, V]
+        t_verify = time.perf_counter()
+        self.verify_latency.observe(R, t_verify - t_start)
+        res = self._verify(tree, logits, temperature, top_k, top_p, greedy)
+        commit(self._target_state, res.accepted)
+        append_backlog(self._draft_state, roots)  # the draft never saw these roots
+        self.stats.spec = self.stats.spec.update(res, tree)
+        self._plain_streak += 1
+        self.stats.target_tokens += R
+        self.stats.verify_time += t_verify - t_start
+        self.stats.overhead_time += time.perf_counter() - t_verify
+        return res.emitted.tolist(), res.num_emitted.tolist()
+
+    def _verify(
+        self,
+        tree: TokenTree,
+        logits: Tensor,
+        temperature: float | Tensor,
+        top_k: Tensor | None,
+        top_p: Tensor | None,
+        greedy: bool,
+    ) -> VerifyResult:
+        if greedy:
+            return verify(tree, logits)
+        # each request draws from its own generator, so its result does not depend on the batch
+        uniforms = torch.stack(
+            [torch.rand(tree.max_nodes, generator=r.generator, device=self.device) for r in self._active]
+        )  # [R, N]
+        return verify(tree, logits, temperature=temperature, top_k=top_k, top_p=top_p, uniforms=uniforms)
+
+    def _emit(self, emitted: list[list[int]], counts: list[int]) -> list[RequestOutput]:
+        """Hand out each request's new tokens, ending requests exactly at stop tokens or length."""
+        now = time.perf_counter()
+        outputs, done = [], []
+        for i, req in enumerate(self._active):
+            new = emitted[i][: counts[i]]
+            reason = None
+            stop_at = next((j for j, tok in enumerate(new) if tok in req.stop), None)
+            if stop_at is not None:
+                new, reason = new[: stop_at + 1], "stop"
+            room = req.max_new_tokens - len(req.output)
+            if len(new) > room:
+                new, reason = new[:room], "length"
+            elif len(new) == room and reason is None:
+                reason = "length"
+            req.output.extend(new)
+            req.root = new[-1]
+            req.steps += 1
+            req.decode_time = now - (req.start if req.start is not None else now)
+            if reason is not None:
+                done.append(i)
+            outputs.append(RequestOutput(req.id, new, reason is not None, reason))
+        if done:
+            self._finish(done)
+        return outputs
+
+    def _needs(self, now: float, depth: int) -> Tensor:
+        """(R,) tokens each request must emit this step to stay on its SLO (1 without one)."""
+        tpot = torch.tensor([r.slo.tpot if r.slo is not None else 0.0 for r in self._active], dtype=torch.float64)
+        has = tpot > 0
+        if not bool(has.any()):
+            return torch.ones(len(self._active))
+        steps = max(1, self.stats.steps)
+        predicted = (self.stats.draft_time + self.stats.verify_time + self.stats.overhead_time) / steps
+        elapsed = torch.tensor([now - (r.start if r.start is not None else now) for r in self._active], dtype=torch.float64)
+        decoded = torch.tensor([len(r.output) for r in self._active], dtype=torch.float64)
+        need = tokens_needed(torch.where(has, tpot, 1.0), elapsed, decoded, predicted, depth)
+        return torch.where(has, need, 1.0)

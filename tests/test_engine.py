@@ -1,0 +1,208 @@
+"""The engine against its oracles: the target's own greedy generate, exact sampling
+distributions on a tiny vocabulary, and the cache-length invariant."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from adaspec.engine import SLO, Engine, EngineConfig, generate
+from adaspec.models import tiny_model
+
+# fixed budget: every step speculates, whatever the latency model measures (deterministic paths)
+FIXED = EngineConfig(depth=3, width=2, budget=16, warmup=False, calibrate=False)
+
+
+def noisy_copy(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """A draft that agrees with the target often but not always."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return draft
+
+
+@pytest.fixture(scope="module")
+def pair64():
+    target = tiny_model(seed=0).double()
+    return target, noisy_copy(target, 0.01, seed=1)
+
+
+def reference(target, prompt, n):
+    out = target.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+PROMPTS = [[5, 9, 14, 3, 77, 21, 8], [42], [7, 7, 1, 60, 2, 33, 90, 11, 4, 4, 19, 70, 3], [88, 13]]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [FIXED, EngineConfig(depth=4, width=3, budget="auto", calibrate=True, max_batch=2), EngineConfig(depth=0)],
+    ids=["fixed-budget", "auto-continuous-batching", "no-speculation"],
+)
+def test_greedy_equals_target_generate_exactly_in_float64(pair64, config):
+    target, draft = pair64
+    out = generate(target, draft, PROMPTS, max_new_tokens=20, config=config)
+    for prompt, seq in zip(PROMPTS, out.sequences, strict=True):
+        assert seq == reference(target, prompt, 20)
+    assert out.stats.spec.num_emitted_tokens.item() >= 4 * 20  # requests cut at length count fully
+    if config.budget != "auto" and config.depth:  # auto may decide plain steps are faster here
+        assert out.stats.spec.num_accepted_tokens.item() > 0, "the noisy draft should be accepted sometimes"
+
+
+def test_greedy_gemma3_sliding_window(pair64):
+    target = tiny_model("gemma3", sliding_window=4, seed=3).double()
+    draft = noisy_copy(target, 0.05, seed=4)
+    out = generate(target, draft, PROMPTS[:3], max_new_tokens=14, config=FIXED)
+    for prompt, seq in zip(PROMPTS[:3], out.sequences, strict=True):
+        assert seq == reference(target, prompt, 14)
+
+
+def exact_distribution(model, prompt, length, temperature, top_k, top_p):
+    """P(y_1..y_length | prompt) of the target's sampling, by enumeration (the oracle)."""
+    from adaspec.acceptance import probs_from_logits
+
+    V = model.config.vocab_size
+    dist = {}
+    for seq in itertools.product(range(V), repeat=length):
+        ids = torch.tensor([prompt + list(seq)])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].double()
+        p = probs_from_logits(logits, temperature, top_k, top_p)
+        dist[seq] = float(torch.prod(p[torch.arange(length), torch.tensor(seq)]))
+    return dist
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, None), (0.7, 3, 0.9)])
+def test_sampled_sequences_follow_the_target_distribution(temperature, top_k, top_p):
+    target = tiny_model(vocab_size=5, seed=5).double()
+    draft = noisy_copy(target, 0.3, seed=6)
+    prompt, length, n = [1, 3, 2], 2, 3000
+    exact = exact_distribution(target, prompt, length, temperature, top_k, top_p)
+    engine = Engine(target, draft, config=EngineConfig(depth=2, width=2, budget=4 * n, max_batch=n, warmup=False))
+    ids = [
+        engine.add_request(prompt, max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=s, stop=[])
+        for s in range(n)
+    ]
+    got: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id].extend(out.new_tokens)
+    counts: dict[tuple[int, ...], int] = {}
+    for seq in got.values():
+        counts[tuple(seq)] = counts.get(tuple(seq), 0) + 1
+    assert set(counts) <= {s for s, p in exact.items() if p > 0}, "a sequence the target cannot sample"
+    tv = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
+    # E[TV] <= 0.5 * Σ sqrt(p (1 - p) / n); 4x that bound fails with negligible probability
+    bound = 2.0 * sum((p * (1 - p) / n) ** 0.5 for p in exact.values())
+    assert tv < bound, f"TV {tv:.4f} vs bound {bound:.4f}"
+    assert engine.stats.spec.num_accepted_tokens.item() > 0
+
+
+def test_same_seed_same_samples(pair64):
+    target, draft = pair64
+    runs = [
+        generate(target, draft, PROMPTS, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(3), config=FIXED).sequences
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_requests_join_and_finish_mid_run_and_cache_lengths_hold(pair64):
+    target, draft = pair64
+    engine = Engine(target, draft, config=EngineConfig(depth=3, width=2, budget=12, max_batch=2, warmup=False))
+    want = {}
+    outputs: dict[int, list[int]] = {}
+    lengths = [5, 9, 3, 7]
+    for p, n in zip(PROMPTS[:2], lengths[:2], strict=True):
+        rid = engine.add_request(p, max_new_tokens=n)
+        want[rid] = reference(target, p, n)
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 2:  # two more join while the first two run
+            for p, n in zip(PROMPTS[2:], lengths[2:], strict=True):
+                rid = engine.add_request(p, max_new_tokens=n)
+                want[rid] = reference(target, p, n)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_tokens)
+        steps += 1
+        # the invariant: cache = prompt + emitted, minus the root that is not cached yet
+        for i, req in enumerate(engine._active):
+            expect = len(req.prompt) - 1 + len(req.output)
+            assert int(engine._target_state.lens[i]) == expect
+            draft_len = int(engine._draft_state.lens[i]) + int((engine._draft_state.backlog[i] >= 0).sum())
+            assert draft_len == expect
+        assert len(engine._active) <= 2
+    assert outputs == want
+    assert [r.tokens for r in sorted(engine.stats.requests, key=lambda r: r.request_id)] == lengths
+
+
+def test_stop_token_inside_an_accepted_path_ends_the_request_exactly():
+    target = tiny_model(seed=0).double()
+    prompt = PROMPTS[0]
+    full = reference(target, prompt, 12)
+    stop = full[4]
+    cut = full[: full.index(stop) + 1]
+    # the draft is the target itself, so whole paths are accepted and the stop token sits inside one
+    engine = Engine(target, target, config=FIXED)
+    rid = engine.add_request(prompt, max_new_tokens=12, stop=[stop])
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert [t for o in outs for t in o.new_tokens] == cut
+    assert outs[-1].finished and outs[-1].finish_reason == "stop" and outs[-1].request_id == rid
+    assert engine.stats.spec.num_accepted_tokens.item() > 0
+
+
+def test_max_new_tokens_inside_a_path():
+    target = tiny_model(seed=0).double()
+    out = generate(target, target, [PROMPTS[0]], max_new_tokens=2, config=FIXED)
+    assert out.sequences[0] == reference(target, PROMPTS[0], 2)
+    assert out.stats.requests[0].tokens == 2
+
+
+def test_impossible_slo_completes_and_is_reported_missed(pair64):
+    target, draft = pair64
+    out = generate(target, draft, PROMPTS[:2], slo=[1e-9, SLO(10.0, "relaxed")], max_new_tokens=6, config=FIXED)
+    assert out.sequences == [reference(target, p, 6) for p in PROMPTS[:2]]
+    first, second = out.stats.requests
+    assert first.attained is False
+    assert second.attained is True and second.slo.name == "relaxed"
+    assert out.stats.attainment == 0.5
+
+
+def test_abort_and_bad_input(pair64):
+    target, draft = pair64
+    engine = Engine(target, draft, config=FIXED)
+    a = engine.add_request([1, 2, 3], max_new_tokens=50)
+    b = engine.add_request([4, 5], max_new_tokens=3)
+    engine.step()
+    assert engine.abort(a)
+    assert not engine.abort(12345)
+    while engine.has_unfinished():
+        engine.step()
+    assert sorted(r.request_id for r in engine.stats.requests) == [a, b]
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request([])
+    with pytest.raises(TypeError, match="no tokenizer"):
+        engine.add_request("hello")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.add_request([1], max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.add_request([1], temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.add_request([1], top_p=0.0)
+    with pytest.raises(ValueError, match="tpot"):
+        SLO(0.0)
+    with pytest.raises(ValueError, match="budget"):
+        EngineConfig(budget=0)
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(target, draft, [[1], [2]], slo=[0.1])
+    with pytest.raises(ValueError, match="single prompt"):
+        generate(target, draft, [[1], [2]], streamer=object())
