@@ -7,8 +7,8 @@ f(v) and its verification always see one definition of the sampling distribution
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,8 +16,10 @@ from torch import Tensor
 from adaspec.tree import SubTree, TokenTree, subtree
 
 __all__ = [
+    "Calibrator",
     "Expansion",
     "TreeGrower",
+    "accepted_mask",
     "expand",
     "extension_logprobs",
     "grow_tree",
@@ -37,7 +39,9 @@ def _per_row(value: Param, name: str, lead: torch.Size, device: torch.device) ->
         raise TypeError(f"{name} must be a number or a tensor, got bool")
     t = torch.as_tensor(value, device=device)
     if t.dim() > len(lead):
-        raise ValueError(f"{name} must be a scalar or have at most shape {tuple(lead)}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a scalar or have at most shape {tuple(lead)}, got {tuple(t.shape)}"
+        )
     try:
         # a per-request (R,) tensor applies to every node of that request
         t = t.reshape(t.shape + (1,) * (len(lead) - t.dim())).expand(lead)
@@ -63,7 +67,8 @@ def process_logits(
             leading dimensions (e.g. (R,) for one value per request).
         top_k: keep the k largest logits (ties with the k-th kept); None or 0 disables.
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
-            (the most likely token is always kept); in (0, 1]; None or 1 disables.
+            (the most likely token is always kept; among equal probabilities the smaller
+            token id goes first); in (0, 1]; None or 1 disables.
 
     Returns:
         (..., V) float32 processed logits; ``softmax`` of them is the sampling distribution.
@@ -78,11 +83,23 @@ def process_logits(
         raise ValueError("logits must have a vocabulary dimension V >= 1, got V = 0")
     x = logits.float()
     lead = x.shape[:-1]
-    if bool(torch.isnan(x).any()):
+    # one reduction answers both checks: amax propagates NaN, and is -inf only for dead rows
+    row_max = x.amax(-1)
+    if bool(torch.isnan(row_max).any()):
         raise ValueError("logits contain NaN")
-    if bool((x == float("-inf")).all(-1).any()):
+    if bool((row_max == float("-inf")).any()):
         raise ValueError("logits: a row is -inf everywhere (no token can be sampled)")
-    temp = _per_row(temperature, "temperature", lead, x.device)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        # scalar fast path: no per-row broadcasting
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if temperature == 0:
+            x = torch.full_like(x, float("-inf")).scatter(-1, x.argmax(-1, keepdim=True), 0.0)
+        elif temperature != 1:
+            x = x / temperature
+        temp = None
+    else:
+        temp = _per_row(temperature, "temperature", lead, x.device)
     k = _per_row(top_k, "top_k", lead, x.device)
     p = _per_row(top_p, "top_p", lead, x.device)
     if temp is not None:
@@ -109,7 +126,7 @@ def process_logits(
         if bool(((p <= 0) | (p > 1) | torch.isnan(p)).any()):
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         if bool((p < 1).any()):
-            sorted_x, idx = x.sort(-1, descending=True)
+            sorted_x, idx = x.sort(dim=-1, descending=True, stable=True)
             probs = sorted_x.softmax(-1)
             mass_before = probs.cumsum(-1) - probs  # [..., V] mass of the more likely tokens
             drop_sorted = (mass_before >= p) & (p < 1)
@@ -143,7 +160,9 @@ def _estimate_temperature(temperature: Param) -> Param:
     if temperature is None:
         return 1.0
     if isinstance(temperature, Tensor):
-        return torch.where(temperature == 0, torch.ones_like(temperature, dtype=torch.float32), temperature)
+        return torch.where(
+            temperature == 0, torch.ones_like(temperature, dtype=torch.float32), temperature
+        )
     return 1.0 if temperature == 0 else temperature
 
 
@@ -165,7 +184,11 @@ def extension_logprobs(
     Returns:
         (R, F, V) float32: ``frontier_logp[r, i] + log q(v | node i)``.
     """
-    if frontier_logp.dim() != 2 or draft_logits.dim() != 3 or draft_logits.shape[:2] != frontier_logp.shape:
+    if (
+        frontier_logp.dim() != 2
+        or draft_logits.dim() != 3
+        or draft_logits.shape[:2] != frontier_logp.shape
+    ):
         raise ValueError(
             f"draft_logits must have shape (R, F, V) matching frontier_logp (R, F); got "
             f"{tuple(draft_logits.shape)} and {tuple(frontier_logp.shape)}"
@@ -203,11 +226,24 @@ def expand(
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an int >= 1, got {width!r}")
-    ext = extension_logprobs(frontier_logp, draft_logits, temperature, top_k, top_p)  # [R, F, V]
-    R, F, V = ext.shape
-    w = min(width, F * V)
-    logp, flat = ext.reshape(R, F * V).topk(w, dim=-1)  # [R, w]
-    return Expansion(parent=flat // V, tokens=flat % V, logp=logp)
+    if (
+        frontier_logp.dim() != 2
+        or draft_logits.dim() != 3
+        or draft_logits.shape[:2] != frontier_logp.shape
+    ):
+        raise ValueError(
+            f"draft_logits must have shape (R, F, V) matching frontier_logp (R, F); got "
+            f"{tuple(draft_logits.shape)} and {tuple(frontier_logp.shape)}"
+        )
+    x = process_logits(draft_logits, _estimate_temperature(temperature), top_k, top_p)  # [R, F, V]
+    R, F, V = x.shape
+    w = min(width, V)
+    # The best `width` extensions overall are among the best `width` of each frontier node, and
+    # the log-softmax normaliser is constant per node: rank raw logits, normalise only the few.
+    top_x, top_tok = x.topk(w, dim=-1)  # [R, F, w]
+    ext = frontier_logp.float().unsqueeze(-1) + (top_x - x.logsumexp(-1, keepdim=True))  # [R, F, w]
+    logp, flat = ext.reshape(R, F * w).topk(min(width, F * w), dim=-1)  # [R, W]
+    return Expansion(parent=flat // w, tokens=top_tok.reshape(R, F * w).gather(1, flat), logp=logp)
 
 
 class TreeGrower:
@@ -275,13 +311,17 @@ class TreeGrower:
 
     def expand(self, draft_logits: Tensor) -> Tensor:
         """Append the best ``width`` extensions; returns their (R, W) node indices."""
-        e = expand(self.frontier_logp, draft_logits, self.width, self.temperature, self.top_k, self.top_p)
+        e = expand(
+            self.frontier_logp, draft_logits, self.width, self.temperature, self.top_k, self.top_p
+        )
         W = e.tokens.shape[1]
+        self._depth.append(torch.full_like(e.tokens, self.depth + 1))
         self._tokens.append(e.tokens)
         self._parents.append(self.frontier.gather(1, e.parent))
         self._logp.append(e.logp)
-        self._depth.append(torch.full_like(e.tokens, self.depth + 1))
-        self.frontier = torch.arange(self.num_nodes, self.num_nodes + W, device=e.tokens.device).expand_as(e.tokens)
+        self.frontier = torch.arange(
+            self.num_nodes, self.num_nodes + W, device=e.tokens.device
+        ).expand_as(e.tokens)
         self.num_nodes += W
         return self.frontier
 
@@ -330,3 +370,199 @@ def grow_tree(
     for _ in range(depth):
         grower.expand(draft_logits_fn(grower))
     return grower.candidates()
+
+
+def accepted_mask(tree: TokenTree, accepted: Tensor) -> Tensor:
+    """(R, N) bool: True at the root and at every accepted node.
+
+    ``accepted`` is (R, A) int64 accepted node indices (root excluded, -1 padded), as
+    verification returns them.
+    """
+    if accepted.dim() != 2 or accepted.shape[0] != tree.num_requests:
+        raise ValueError(
+            f"accepted must have shape ({tree.num_requests}, A), got {tuple(accepted.shape)}"
+        )
+    R, N = tree.tokens.shape
+    mask = torch.zeros(R, N + 1, dtype=torch.bool, device=tree.device)
+    # -1 padding is sent to the spare column N
+    mask.scatter_(1, torch.where(accepted >= 0, accepted, N).to(tree.device), True)
+    mask[:, 0] = True
+    return mask[:, :N]
+
+
+class Calibrator:
+    """Learns how often the target accepts a tree edge, given the draft's probability of it.
+
+    An *edge* is a non-root node v with parent u. Given that u was accepted, v is accepted
+    with some probability; the raw estimate is the draft's conditional probability
+    ``q = f(v) / f(u)``. The calibrator keeps, per depth bucket and per bin of q, counts of
+    such trials and successes, smooths them toward ``q`` itself (a prior worth
+    ``prior_strength`` observations), makes them monotone in q (pool-adjacent-violators),
+    and interpolates linearly between bin centres. A calibrated node's f is the product of
+    its calibrated edges, so ``expected_accepted`` of a calibrated tree predicts the
+    emitted count of a verification.
+
+    Measuring calibration: :meth:`observe` also accumulates the tokens the current
+    calibration predicted (Σ f - 1 over each verified tree) and those actually accepted;
+    ``predicted_accepted / observed_accepted`` near 1 is good calibration.
+
+    Args:
+        num_bins: bins over q in [0, 1].
+        depth_buckets: depths 1 .. depth_buckets - 1 get a bucket each; deeper edges share one.
+        prior_strength: pseudo-observations per bin that pull an empty bin to the identity.
+    """
+
+    def __init__(
+        self, num_bins: int = 20, depth_buckets: int = 4, prior_strength: float = 4.0
+    ) -> None:
+        if num_bins < 1 or depth_buckets < 1 or prior_strength <= 0:
+            raise ValueError(
+                f"need num_bins >= 1, depth_buckets >= 1, prior_strength > 0; got {num_bins}, "
+                f"{depth_buckets}, {prior_strength}"
+            )
+        self.num_bins = num_bins
+        self.depth_buckets = depth_buckets
+        self.prior_strength = prior_strength
+        self.trials = torch.zeros(depth_buckets, num_bins, dtype=torch.float64)
+        self.successes = torch.zeros(depth_buckets, num_bins, dtype=torch.float64)
+        self.predicted_accepted = 0.0
+        self.observed_accepted = 0.0
+        self.steps = 0
+        self._table: Tensor | None = None  # [buckets, bins] fitted acceptance at bin centres
+
+    @property
+    def centers(self) -> Tensor:
+        """(num_bins,) float64 bin centres of q."""
+        return (torch.arange(self.num_bins, dtype=torch.float64) + 0.5) / self.num_bins
+
+    def _bins(self, q: Tensor) -> Tensor:
+        return (q.double() * self.num_bins).long().clamp(0, self.num_bins - 1)
+
+    def _buckets(self, depth: Tensor) -> Tensor:
+        return (depth.long() - 1).clamp(0, self.depth_buckets - 1)
+
+    def observe_edges(self, depth: Tensor, draft_prob: Tensor, accepted: Tensor) -> None:
+        """Record trials of individual edges.
+
+        Args:
+            depth: (E,) int64 depth of each edge's child (>= 1).
+            draft_prob: (E,) float draft conditional probability q of the child, in [0, 1].
+            accepted: (E,) bool whether the child was accepted (its parent was).
+        """
+        if not (depth.shape == draft_prob.shape == accepted.shape) or depth.dim() != 1:
+            raise ValueError("depth, draft_prob and accepted must be 1-D tensors of one shape (E,)")
+        q = draft_prob.detach().double().cpu()
+        if bool(((q < 0) | (q > 1) | torch.isnan(q)).any()):
+            raise ValueError("draft_prob must lie in [0, 1]")
+        flat = self._buckets(depth.cpu()) * self.num_bins + self._bins(q)  # [E]
+        size = self.depth_buckets * self.num_bins
+        self.trials += torch.bincount(flat, minlength=size).double().view_as(self.trials)
+        self.successes += torch.bincount(
+            flat, weights=accepted.cpu().double(), minlength=size
+        ).view_as(self.successes)
+        self._table = None
+
+    def observe(self, tree: TokenTree, accepted: Tensor) -> None:
+        """Record one verification of ``tree`` (raw, uncalibrated f) with its outcome.
+
+        ``accepted``: (R, A) int64 accepted node indices, root excluded, -1 padded.
+        Only edges whose parent was accepted are trials: the others were never tested.
+        """
+        acc = accepted_mask(tree, accepted)  # [R, N]
+        parent = tree.parents.clamp(min=0)
+        tried = tree.valid & (tree.parents >= 0) & acc.gather(1, parent)  # [R, N]
+        q = (tree.logp - tree.logp.gather(1, parent)).exp()  # [R, N] conditional draft prob
+        self.predicted_accepted += float(self.apply(tree).logp.exp().sum()) - tree.num_requests
+        self.observed_accepted += float(acc.sum()) - tree.num_requests
+        self.steps += 1
+        self.observe_edges(tree.depth[tried], q[tried].clamp(0, 1), acc[tried])
+
+    def _fit(self) -> Tensor:
+        if self._table is not None:
+            return self._table
+        c = self.centers
+        weight = self.trials + self.prior_strength  # [B, K]
+        rate = (self.successes + self.prior_strength * c) / weight
+        table = torch.empty_like(rate)
+        for b in range(self.depth_buckets):
+            table[b] = _isotonic(rate[b], weight[b])
+        self._table = table
+        return table
+
+    def edge_probs(self, depth: Tensor, draft_prob: Tensor) -> Tensor:
+        """Calibrated acceptance probability of edges, same shape as ``draft_prob``, in [0, 1].
+
+        Monotone non-decreasing in ``draft_prob`` for each depth.
+        """
+        table = self._fit()  # [B, K]
+        q = draft_prob.double().clamp(0, 1)
+        pos = (q * self.num_bins - 0.5).clamp(0, self.num_bins - 1)  # fractional bin-centre index
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=self.num_bins - 1)
+        frac = pos - lo
+        rows = table.to(q.device)[self._buckets(depth.to(q.device))]  # [..., K]
+        at_lo = rows.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+        at_hi = rows.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
+        return (at_lo + frac * (at_hi - at_lo)).clamp(0, 1).to(draft_prob.dtype)
+
+    def apply(self, tree: TokenTree) -> TokenTree:
+        """The same tree with calibrated f: each node's f is the product of its calibrated edges."""
+        parent = tree.parents.clamp(min=0)
+        q = (tree.logp - tree.logp.gather(1, parent)).exp().clamp(0, 1)  # [R, N]
+        edge = torch.where(tree.parents >= 0, self.edge_probs(tree.depth, q).float().log(), 0.0)
+        edge = torch.where(tree.valid, edge, 0.0)
+        # log f(v) = Σ of edge logs along root -> v; summed level by level, parents first
+        logp = torch.zeros_like(tree.logp)
+        for _ in range(int(tree.depth.max())):
+            logp = edge + torch.where(tree.parents >= 0, logp.gather(1, parent), 0.0)
+        logp = logp.masked_fill(~tree.valid, float("-inf"))
+        return TokenTree(
+            tree.tokens, tree.parents, logp, tree.depth, tree.num_nodes, validate=False
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restore the calibrator (plain tensors and numbers)."""
+        return {
+            "num_bins": self.num_bins,
+            "depth_buckets": self.depth_buckets,
+            "prior_strength": self.prior_strength,
+            "trials": self.trials.clone(),
+            "successes": self.successes.clone(),
+            "predicted_accepted": self.predicted_accepted,
+            "observed_accepted": self.observed_accepted,
+            "steps": self.steps,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Calibrator:
+        """A calibrator restored from :meth:`state_dict` (e.g. after ``torch.save``/``torch.load``)."""
+        try:
+            cal = cls(
+                int(state["num_bins"]), int(state["depth_buckets"]), float(state["prior_strength"])
+            )
+            trials, successes = state["trials"], state["successes"]
+            if not isinstance(trials, Tensor) or not isinstance(successes, Tensor):
+                raise TypeError("trials and successes must be tensors")
+            if trials.shape != cal.trials.shape or successes.shape != cal.trials.shape:
+                raise ValueError(f"trials/successes must have shape {tuple(cal.trials.shape)}")
+            cal.trials = trials.double().clone()
+            cal.successes = successes.double().clone()
+            cal.predicted_accepted = float(state["predicted_accepted"])
+            cal.observed_accepted = float(state["observed_accepted"])
+            cal.steps = int(state["steps"])
+        except KeyError as e:
+            raise ValueError(f"state is missing the key {e}") from None
+        return cal
+
+
+def _isotonic(values: Tensor, weights: Tensor) -> Tensor:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators); K is small."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    out = [b[0] for b in blocks for _ in range(int(b[2]))]
+    return torch.tensor(out, dtype=values.dtype)

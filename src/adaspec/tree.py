@@ -34,6 +34,7 @@ __all__ = [
     "ancestor_mask",
     "build_optimal",
     "expected_accepted",
+    "float_order_key",
     "is_leaf",
     "path_to",
     "position_ids",
@@ -41,7 +42,9 @@ __all__ = [
     "subtree",
 ]
 
-_TensorLike = Tensor | Sequence[int] | Sequence[float] | Sequence[Sequence[int]] | Sequence[Sequence[float]]
+_TensorLike = (
+    Tensor | Sequence[int] | Sequence[float] | Sequence[Sequence[int]] | Sequence[Sequence[float]]
+)
 
 
 def _as_2d(value: _TensorLike, name: str, dtype: torch.dtype) -> Tensor:
@@ -126,7 +129,9 @@ class TokenTree:
                 )
         R, N = tok.shape
         if R == 0 or N == 0:
-            raise ValueError(f"a TokenTree needs at least one row and one node, got shape (R={R}, N={N})")
+            raise ValueError(
+                f"a TokenTree needs at least one row and one node, got shape (R={R}, N={N})"
+            )
         has_parent = par >= 0
         has_parent[:, 0] = True
         # [R, N] the root and the unbroken run of nodes with a parent after it; the rest is padding
@@ -251,7 +256,7 @@ def _first_bad(bad: Tensor) -> tuple[int, int]:
 
 
 def _validate(tok: Tensor, par: Tensor, lp: Tensor, num: Tensor) -> None:
-    R, N = tok.shape
+    _R, N = tok.shape
     if (num < 1).any() or (num > N).any():
         raise ValueError(f"num_nodes must lie in [1, {N}], got {num.tolist()}")
     node = torch.arange(N, device=tok.device).unsqueeze(0)  # [1, N]
@@ -285,7 +290,9 @@ def _validate(tok: Tensor, par: Tensor, lp: Tensor, num: Tensor) -> None:
         raise ValueError(f"logp is NaN at row {r}, node {i}")
     if bool((lp > 0).any()):
         r, i = _first_bad(lp > 0)
-        raise ValueError(f"logp must be <= 0 (a log-probability), got {float(lp[r, i])} at row {r}, node {i}")
+        raise ValueError(
+            f"logp must be <= 0 (a log-probability), got {float(lp[r, i])} at row {r}, node {i}"
+        )
     if bool((lp[:, 0] != 0).any()):
         r = int((lp[:, 0] != 0).nonzero()[0])
         raise ValueError(f"logp of the root must be 0 (f = 1), row {r} has {float(lp[r, 0])}")
@@ -368,7 +375,9 @@ def path_to(tree: TokenTree, nodes: Tensor) -> Tensor:
     if nodes.shape != (tree.num_requests,):
         raise ValueError(f"nodes must have shape ({tree.num_requests},), got {tuple(nodes.shape)}")
     if bool(((nodes < 0) | (nodes >= tree.num_nodes)).any()):
-        raise ValueError(f"nodes must index real nodes, got {nodes.tolist()} for num_nodes {tree.num_nodes.tolist()}")
+        raise ValueError(
+            f"nodes must index real nodes, got {nodes.tolist()} for num_nodes {tree.num_nodes.tolist()}"
+        )
     depth = tree.depth.gather(1, nodes.unsqueeze(1)).squeeze(1)  # [R]
     width = int(depth.max()) + 1
     out = torch.full((tree.num_requests, width), -1, dtype=torch.int64, device=tree.device)
@@ -378,7 +387,9 @@ def path_to(tree: TokenTree, nodes: Tensor) -> Tensor:
     for _ in range(width):
         live = col >= 0
         out[rows[live], col[live]] = cur[live]
-        cur = torch.where(live, tree.parents.gather(1, cur.clamp(min=0).unsqueeze(1)).squeeze(1), cur)
+        cur = torch.where(
+            live, tree.parents.gather(1, cur.clamp(min=0).unsqueeze(1)).squeeze(1), cur
+        )
         col = col - 1
     return out
 
@@ -392,12 +403,25 @@ def strict_order(tree: TokenTree) -> Tensor:
     is), so every prefix of the order is closed under ancestors.
     """
     N = tree.max_nodes
+    if N >= 1 << 16:
+        raise ValueError(f"strict_order supports up to 65535 nodes per tree, got N = {N}")
     # padding sorts after every real node, including real nodes with logp = -inf
-    depth_key = torch.where(tree.valid, tree.depth, N + 1)
-    by_depth = depth_key.argsort(dim=1, stable=True)  # index order kept among equal depths
-    lp = tree.logp.gather(1, by_depth)
-    by_logp = lp.argsort(dim=1, descending=True, stable=True)
-    return by_depth.gather(1, by_logp)
+    depth = torch.where(tree.valid, tree.depth, N + 1)
+    node = torch.arange(N, device=tree.device)
+    # One unique int64 key per node, so a single (unstable) sort gives the strict order:
+    # the order-preserving integer image of -logp in the high 32 bits, depth and index below.
+    key = (float_order_key(-tree.logp) << 32) | (depth << 16) | node
+    return key.argsort(dim=1)
+
+
+def float_order_key(x: Tensor) -> Tensor:
+    """int64 tensor ordered exactly like the float32 tensor ``x`` (no NaN; -0.0 counts as 0.0).
+
+    Flips the magnitude bits of negative floats, so that comparing the results as signed
+    integers compares the floats.
+    """
+    bits = (x.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
 
 
 class SubTree(NamedTuple):
@@ -429,14 +453,20 @@ def subtree(tree: TokenTree, keep: Tensor) -> SubTree:
     parent_kept = keep.gather(1, tree.parents.clamp(min=0)) | (tree.parents < 0)
     if bool((keep & ~parent_kept).any()):
         r, i = _first_bad(keep & ~parent_kept)
-        raise ValueError(f"keep is not closed under ancestors: row {r} keeps node {i} but not its parent")
+        raise ValueError(
+            f"keep is not closed under ancestors: row {r} keeps node {i} but not its parent"
+        )
     count = keep.sum(1)  # [R]
     M = int(count.max())
-    # stable argsort of ~keep lists the kept nodes first, in their original order
-    kept = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :M]  # [R, M]
-    pad = torch.arange(M, device=tree.device).unsqueeze(0) >= count.unsqueeze(1)  # [R, M]
-    kept = kept.masked_fill(pad, -1)
+    R, N = keep.shape
     new_index = keep.to(torch.int64).cumsum(1) - 1  # [R, N] new position of each kept node
+    # scatter every kept node's index to its new position; dropped nodes go to a spare column
+    kept = torch.full((R, M + 1), -1, dtype=torch.int64, device=tree.device)
+    kept.scatter_(
+        1, torch.where(keep, new_index, M), torch.arange(N, device=tree.device).expand(R, N)
+    )
+    kept = kept[:, :M]  # [R, M]
+    pad = kept < 0
     src = kept.clamp(min=0)
     old_parent = tree.parents.gather(1, src)
     parents = torch.where(
@@ -455,7 +485,9 @@ def subtree(tree: TokenTree, keep: Tensor) -> SubTree:
 
 def _check_budget(budget: int | Tensor, R: int, device: torch.device) -> Tensor:
     if isinstance(budget, bool) or not isinstance(budget, (int, Tensor)):
-        raise TypeError(f"budget must be an int or an (R,) integer tensor, got {type(budget).__name__}")
+        raise TypeError(
+            f"budget must be an int or an (R,) integer tensor, got {type(budget).__name__}"
+        )
     b = torch.as_tensor(budget, device=device)
     if b.dtype.is_floating_point or b.dtype == torch.bool:
         raise TypeError(f"budget must be an integer, got dtype {b.dtype}")
@@ -493,5 +525,7 @@ def build_optimal(candidates: TokenTree, budget: int | Tensor) -> SubTree:
     b = _check_budget(budget, candidates.num_requests, candidates.device)
     order = strict_order(candidates)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(candidates.max_nodes, device=candidates.device).expand_as(order))
+    rank.scatter_(
+        1, order, torch.arange(candidates.max_nodes, device=candidates.device).expand_as(order)
+    )
     return subtree(candidates, (rank < b.unsqueeze(1)) & candidates.valid)
