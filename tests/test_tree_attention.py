@@ -1,4 +1,4 @@
-"""Tree attention: the reference and FlexAttention paths against oracles they do not share code with.
+"""Tree attention: the reference and FlexAttention paths against oracles sharing no code with them.
 
 Oracles: a float64 dense-mask attention written per request (`dense_oracle`), plain causal
 attention (chains), and attention over each node's own root->node path. The Triton kernel
@@ -34,7 +34,7 @@ from adaspec.tree import TokenTree, ancestor_mask, path_to
 CPU_BACKENDS = ("torch", "flex")
 
 
-# ------------------------------------------------------------------ helpers shared with the kernel tests
+# ------------------------------------------------- helpers shared with the kernel tests
 def random_parents(R: int, N: int, gen: torch.Generator) -> Tensor:
     """(R, N) parents of random trees in topological order: parent of i drawn from [0, i)."""
     u = torch.rand(R, N, generator=gen, dtype=torch.float64)
@@ -46,7 +46,9 @@ def random_parents(R: int, N: int, gen: torch.Generator) -> Tensor:
 def tree_of(parents: Tensor) -> TokenTree:
     R, N = parents.shape
     logp = -0.1 * torch.arange(N, dtype=torch.float32).expand(R, N)  # children below parents
-    return TokenTree(tokens=torch.zeros(R, N, dtype=torch.int64), parents=parents, logp=logp.clone())
+    return TokenTree(
+        tokens=torch.zeros(R, N, dtype=torch.int64), parents=parents, logp=logp.clone()
+    )
 
 
 def make_inputs(
@@ -77,7 +79,9 @@ def make_inputs(
     return q, k.to(dtype), v.to(dtype), torch.tensor(lens, dtype=torch.int64), mask
 
 
-def dense_oracle(q: Tensor, k: Tensor, v: Tensor, lens: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+def dense_oracle(
+    q: Tensor, k: Tensor, v: Tensor, lens: Tensor, mask: Tensor, scale: float | None = None
+) -> Tensor:
     """float64 attention with the full (N x S) visibility written out, one request at a time."""
     R, Hq, N, D = q.shape
     G = Hq // k.shape[1]
@@ -204,9 +208,12 @@ def test_literal_trees(case: int, backend: str) -> None:
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_random_trees_match_dense_oracle(backend: str, N: int, group: int) -> None:
     lens = [0, 1, 37]
-    q, k, v, cl, mask = make_inputs(3, 2 * group, 2, N, 16, lens, torch.float32, seed=N * 10 + group)
+    q, k, v, cl, mask = make_inputs(
+        3, 2 * group, 2, N, 16, lens, torch.float32, seed=N * 10 + group
+    )
     out = tree_attention(q, k, v, cl, mask, backend=backend)  # type: ignore[arg-type]
-    assert out.shape == q.shape and out.dtype == q.dtype
+    assert out.shape == q.shape
+    assert out.dtype == q.dtype
     assert max_err(out, dense_oracle(q, k, v, cl, mask)) < 1e-5
     # packed words give the same result as the bool mask
     assert torch.equal(out, tree_attention(q, k, v, cl, pack_tree_mask(mask), backend=backend))  # type: ignore[arg-type]
@@ -280,7 +287,9 @@ def test_import_without_triton() -> None:
     )
     src = str(Path(adaspec.kernels.__file__).parents[2])
     env = {**os.environ, "PYTHONPATH": src}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env
+    )
     assert run.returncode == 0, run.stderr
     assert "torch.Size([1, 1, 2, 16])" in run.stdout
 
@@ -318,7 +327,9 @@ def test_custom_op_traces_under_torch_compile() -> None:
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     assert torch.equal(compiled(q, k, v, cl, mask), eager * 2.0)
-    torch.library.opcheck(torch.ops.adaspec.tree_attention.default, (q, k, v, cl, mask, 0.25, "torch"))
+    torch.library.opcheck(
+        torch.ops.adaspec.tree_attention.default, (q, k, v, cl, mask, 0.25, "torch")
+    )
 
 
 def test_reimport_does_not_register_twice() -> None:

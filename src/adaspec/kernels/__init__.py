@@ -9,15 +9,15 @@
 Triton is imported only when the "triton" backend runs, so this package imports without it.
 """
 
-from adaspec.kernels.compaction import compact_kv
-from adaspec.kernels.masks import effective_tree_mask, pack_tree_mask, unpack_tree_mask
-from adaspec.kernels.reference import tree_attention_reference
 from adaspec.kernels.attention import (
     Backend,
     available_backends,
     resolve_backend,
     tree_attention,
 )
+from adaspec.kernels.compaction import compact_kv
+from adaspec.kernels.masks import effective_tree_mask, pack_tree_mask, unpack_tree_mask
+from adaspec.kernels.reference import tree_attention_reference
 
 __all__ = [
     "Backend",

@@ -1,3 +1,5 @@
+# Kernel bodies are Triton DSL (parameters typed by Triton, not Python); the launcher is typed.
+# mypy: disable-error-code="no-untyped-def,untyped-decorator"
 """The Triton tree-attention kernel and its launcher.
 
 Imported only when the "triton" backend is used, so ``import adaspec.kernels`` works
@@ -41,7 +43,7 @@ def _tree_attention_fwd(
     Q,
     K,
     V,
-    O,
+    O,  # noqa: E741 (the output, named like Q, K and V)
     LENS,
     MASK,
     qk_scale,  # softmax scale * log2(e)
@@ -119,14 +121,18 @@ def _tree_attention_fwd(
     full_end = (prefix_len // BLOCK_N) * BLOCK_N
     for start in range(0, full_end, BLOCK_N):
         pos = start + offs_n
-        kt = tl.load(k_base + offs_d[:, None] * stride_kd + pos[None, :] * stride_ks)  # [HEAD_DIM, BLOCK_N]
+        kt = tl.load(
+            k_base + offs_d[:, None] * stride_kd + pos[None, :] * stride_ks
+        )  # [HEAD_DIM, BLOCK_N]
         qk = _dot(q, kt, DOT_PRECISION, UPCAST_DOT) * qk_scale
         # online softmax: rescale what was accumulated to the new running max
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :] * stride_vd)  # [BLOCK_N, HEAD_DIM]
+        v = tl.load(
+            v_base + pos[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        )  # [BLOCK_N, HEAD_DIM]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
@@ -150,7 +156,9 @@ def _tree_attention_fwd(
             other=0,
         )  # [BLOCK_M, BLOCK_N] int32
         bit = ((word >> (j_safe % WORD_BITS)[None, :]) & 1) != 0
-        tree_ok = in_tree[None, :] & (((j[None, :] <= node[:, None]) & bit) | (j[None, :] == node[:, None]))
+        tree_ok = in_tree[None, :] & (
+            ((j[None, :] <= node[:, None]) & bit) | (j[None, :] == node[:, None])
+        )
         visible = (pos < prefix_len)[None, :] | tree_ok
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -234,4 +242,3 @@ def tree_attention_triton(
         num_warps=warps,
     )
     return out
-

@@ -61,7 +61,9 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         return _CPU_AUTO if dev.type == "cpu" else "torch"
     if backend == "triton":
         if not _triton_installed():
-            raise RuntimeError("backend='triton' needs the triton package (pip install adaspec[triton])")
+            raise RuntimeError(
+                "backend='triton' needs the triton package (pip install adaspec[triton])"
+            )
         if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 f"backend='triton' on {dev.type} runs only in Triton's interpreter: set "
@@ -201,15 +203,26 @@ def tree_attention(
     if name == "triton":
         D = q.shape[3]
         if D < 16 or D > 256 or D & (D - 1):
-            raise ValueError(f"q: the Triton backend needs a head dim that is a power of two in [16, 256], got {D}")
+            raise ValueError(
+                f"q: the Triton backend needs a head dim that is a power of two in [16, 256], "
+                f"got {D}"
+            )
     sm_scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     out = _tree_attention_op(q, k_cache, v_cache, cache_lens, tree_mask, sm_scale, name)  # type: ignore[operator]
     assert isinstance(out, Tensor)
     return out
 
 
-def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, tree_mask: Tensor) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("cache_lens", cache_lens), ("tree_mask", tree_mask)):
+def _check_inputs(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, tree_mask: Tensor
+) -> None:
+    for name, t in (
+        ("q", q),
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("cache_lens", cache_lens),
+        ("tree_mask", tree_mask),
+    ):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4:
@@ -218,9 +231,14 @@ def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tenso
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     R, Hq, N, D = q.shape
     if k_cache.dim() != 4 or k_cache.shape[0] != R or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache must have shape (R={R}, Hkv, S, D={D}), got {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache must have shape (R={R}, Hkv, S, D={D}), got {tuple(k_cache.shape)}"
+        )
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, "
+            f"got {tuple(v_cache.shape)}"
+        )
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
@@ -231,21 +249,39 @@ def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tenso
         raise ValueError(f"q's head count {Hq} must be a multiple of k_cache's head count {Hkv}")
     if N > S:
         raise ValueError(f"the cache length S={S} cannot hold the N={N} tree nodes")
-    if cache_lens.shape != (R,) or cache_lens.dtype.is_floating_point or cache_lens.dtype == torch.bool:
-        raise ValueError(f"cache_lens must be an (R,) = ({R},) integer tensor, got {cache_lens.dtype} {tuple(cache_lens.shape)}")
+    if (
+        cache_lens.shape != (R,)
+        or cache_lens.dtype.is_floating_point
+        or cache_lens.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"cache_lens must be an (R,) = ({R},) integer tensor, "
+            f"got {cache_lens.dtype} {tuple(cache_lens.shape)}"
+        )
     if tree_mask.dtype == torch.bool:
         if tree_mask.shape != (R, N, N):
-            raise ValueError(f"tree_mask (bool) must have shape (R, N, N) = ({R}, {N}, {N}), got {tuple(tree_mask.shape)}")
+            raise ValueError(
+                f"tree_mask (bool) must have shape (R, N, N) = ({R}, {N}, {N}), "
+                f"got {tuple(tree_mask.shape)}"
+            )
     elif tree_mask.dtype == torch.int32:
         W = mask_words(N)
         if tree_mask.shape != (R, N, W):
-            raise ValueError(f"tree_mask (packed int32) must have shape (R, N, ceil(N/32)) = ({R}, {N}, {W}), got {tuple(tree_mask.shape)}")
+            raise ValueError(
+                f"tree_mask (packed int32) must have shape (R, N, ceil(N/32)) = ({R}, {N}, {W}), "
+                f"got {tuple(tree_mask.shape)}"
+            )
     else:
-        raise TypeError(f"tree_mask must be bool (R, N, N) or packed int32 (R, N, ceil(N/32)), got {tree_mask.dtype}")
+        raise TypeError(
+            f"tree_mask must be bool (R, N, N) or packed int32 (R, N, ceil(N/32)), "
+            f"got {tree_mask.dtype}"
+        )
     if tree_mask.device != q.device:
         raise ValueError(f"tree_mask must be on q's device {q.device}, got {tree_mask.device}")
     # a value check reads the tensor: skipped on CUDA (a host sync) and while tracing
     if cache_lens.device.type == "cpu" and R > 0 and not torch.compiler.is_compiling():
         lo, hi = int(cache_lens.min()), int(cache_lens.max())
         if lo < 0 or hi + N > S:
-            raise ValueError(f"cache_lens must lie in [0, S - N] = [0, {S - N}], got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"cache_lens must lie in [0, S - N] = [0, {S - N}], got values in [{lo}, {hi}]"
+            )

@@ -60,7 +60,9 @@ def pack_tree_mask(mask: Tensor) -> Tensor:
 def unpack_tree_mask(words: Tensor, num_nodes: int) -> Tensor:
     """Inverse of :func:`pack_tree_mask`: ``(..., N, W)`` int32 words to ``(..., N, N)`` bool."""
     if not isinstance(words, Tensor) or words.dtype != torch.int32 or words.dim() < 2:
-        raise TypeError(f"words must be an int32 tensor of shape (..., N, W), got {_describe(words)}")
+        raise TypeError(
+            f"words must be an int32 tensor of shape (..., N, W), got {_describe(words)}"
+        )
     if words.shape[-1] != mask_words(num_nodes):
         raise ValueError(
             f"words must have {mask_words(num_nodes)} words per row for {num_nodes} nodes, "
