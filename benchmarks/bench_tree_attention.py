@@ -125,10 +125,18 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (on a shared machine 1 avoids OpenMP stalls behind other processes)",
+    )
+    parser.add_argument(
         "--check-kernel", action="store_true", help="run the kernel in the interpreter (CPU)"
     )
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = (
         getattr(torch, args.dtype)

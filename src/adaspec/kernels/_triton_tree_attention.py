@@ -85,8 +85,9 @@ def _tree_attention_fwd(
 
     pid_m = tl.program_id(0)
     pid_rh = tl.program_id(1)
-    r = pid_rh // H_KV
-    h_kv = pid_rh % H_KV
+    # 64-bit offsets: request * stride overflows int32 for caches past 2**31 elements
+    r = (pid_rh // H_KV).to(tl.int64)
+    h_kv = (pid_rh % H_KV).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # stacked row g * N + i
     row_ok = offs_m < GROUP * N
