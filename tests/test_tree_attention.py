@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 import adaspec.kernels
@@ -339,3 +341,28 @@ def test_reimport_does_not_register_twice() -> None:
     before = attention.tree_attention(q, k, v, cl, mask)
     reloaded = importlib.reload(attention)  # registering the op name again would raise here
     assert torch.equal(reloaded.tree_attention(q, k, v, cl, mask), before)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    R=st.integers(1, 3),
+    N=st.integers(1, 12),
+    group=st.integers(1, 3),
+    hkv=st.integers(1, 2),
+    lens=st.lists(st.integers(0, 20), min_size=3, max_size=3),
+    lens_dtype=st.sampled_from([torch.int32, torch.int64]),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_property(
+    R: int, N: int, group: int, hkv: int, lens: list[int], lens_dtype: torch.dtype, seed: int
+) -> None:
+    q, k, v, cl, mask = make_inputs(R, group * hkv, hkv, N, 16, lens[:R], torch.float32, seed)
+    out = tree_attention(q, k, v, cl.to(lens_dtype), mask)
+    assert max_err(out, dense_oracle(q, k, v, cl, mask)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_size_batches(backend: str) -> None:
+    q, k, v, cl, mask = make_inputs(2, 2, 1, 3, 16, [1, 2], torch.float32, seed=0)
+    empty = tree_attention(q[:0], k[:0], v[:0], cl[:0], mask[:0], backend=backend)  # type: ignore[arg-type]
+    assert empty.shape == (0, 2, 3, 16)

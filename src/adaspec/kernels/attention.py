@@ -83,6 +83,8 @@ def _run_backend(
     backend: str,
 ) -> Tensor:
     N = q.shape[2]
+    if q.numel() == 0:  # no requests, nodes or heads: nothing to attend (flex rejects R = 0)
+        return torch.empty_like(q)
     if backend == "triton":
         from adaspec.kernels._triton_tree_attention import tree_attention_triton
 
