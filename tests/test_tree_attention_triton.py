@@ -27,7 +27,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from adaspec.kernels import pack_tree_mask, tree_attention, tree_attention_reference  # noqa: E402
 from adaspec.tree import ancestor_mask  # noqa: E402
-from test_tree_attention import (  # noqa: E402
+from tests.test_tree_attention import (  # noqa: E402
     LITERAL_TREES,
     causal_oracle,
     dense_oracle,
