@@ -52,13 +52,11 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
     R, _, S, _ = k_cache.shape
     if cache_lens.shape != (R,) or cache_lens.dtype.is_floating_point:
         raise ValueError(
-            f"cache_lens must be an (R,) = ({R},) integer tensor, "
-            f"got {cache_lens.dtype} {tuple(cache_lens.shape)}"
+            f"cache_lens must be an (R,) = ({R},) integer tensor, got {cache_lens.dtype} {tuple(cache_lens.shape)}"
         )
     if accepted.dim() != 2 or accepted.shape[0] != R or accepted.dtype.is_floating_point:
         raise ValueError(
-            f"accepted must be an (R, A) = ({R}, A) integer tensor, "
-            f"got {accepted.dtype} {tuple(accepted.shape)}"
+            f"accepted must be an (R, A) = ({R}, A) integer tensor, got {accepted.dtype} {tuple(accepted.shape)}"
         )
     lens = cache_lens.to(device=k_cache.device, dtype=torch.int64)
     acc = accepted.to(device=k_cache.device, dtype=torch.int64)
