@@ -10,7 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # modules whose docstring examples must hold; heavier layers test theirs in their own files
-MODULES = ["adaspec.tree", "adaspec.select", "adaspec.acceptance"]
+MODULES = [
+    "adaspec.tree",
+    "adaspec.select",
+    "adaspec.acceptance",
+    "adaspec.kernels.masks",
+    "adaspec.kernels.compaction",
+    "adaspec.kernels.attention",
+]
 
 
 def python_blocks(page: Path) -> list[str]:
