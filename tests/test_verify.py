@@ -302,7 +302,7 @@ def test_bad_shapes_and_vocab_raise() -> None:
         verify(tree, logits, temperature=1.0, draft_probs=draft)
     draft = torch.full((2, 3, 4), 0.25)
     draft[0, 1, 3] = -0.1
-    with pytest.raises(ValueError, match="draft_probs must be non-negative"):
+    with pytest.raises(ValueError, match="draft_probs must be finite and non-negative"):
         verify(
             tree,
             logits,
@@ -310,6 +310,17 @@ def test_bad_shapes_and_vocab_raise() -> None:
             draft_probs=draft,
             generator=torch.Generator().manual_seed(1),
         )
+
+
+def test_draft_rows_of_leaves_are_not_read() -> None:
+    tree, logits = small()
+    draft = torch.full((2, 3, 4), 0.25)
+    draft[0, 2] = float("nan")  # node 2 is a leaf
+    draft[1] = float("nan")  # a single-node tree: its root has no children
+    res = verify(
+        tree, logits, temperature=1.0, draft_probs=draft, generator=torch.Generator().manual_seed(0)
+    )
+    assert res.emitted.shape == (2, 3)
 
 
 def test_sample_children_edges() -> None:
