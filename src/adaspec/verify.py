@@ -454,10 +454,11 @@ def _children_table(tree: TokenTree) -> tuple[Tensor, Tensor]:
     rank = torch.arange(N, device=dev) - start.gather(1, sorted_key)  # [R, N]
     counts[:, N] = 0
     K = max(int(counts.max()), 1)
-    table = torch.full((R, N + 1, max(K, N)), -1, dtype=torch.int64, device=dev)
+    table = torch.full((R, N + 1, K), -1, dtype=torch.int64, device=dev)
     rows = torch.arange(R, device=dev).unsqueeze(1).expand(R, N)
-    table[rows, sorted_key, rank] = order
-    return table[:, :, :K], counts
+    is_child = sorted_key < N
+    table[rows[is_child], sorted_key[is_child], rank[is_child]] = order[is_child]
+    return table, counts
 
 
 def _walk_draft(
