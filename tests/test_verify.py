@@ -393,3 +393,28 @@ def test_accepted_feeds_compact_kv() -> None:
         acc, _ = as_lists(res, r)
         kept = k[r, 0, int(lens[r]) : int(new[r]), 0].long().tolist()
         assert kept == [0, *acc]
+
+
+# ---------------------------------------------------------------------- examples run
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import adaspec.verify
+
+    failed, attempted = doctest.testmod(adaspec.verify, raise_on_error=False, verbose=False)
+    assert attempted > 0
+    assert failed == 0
+
+
+def test_docs_page_examples_run() -> None:
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "verify.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert len(blocks) >= 2
+    namespace: dict[str, object] = {}
+    exec("\n".join(blocks), namespace)  # later blocks continue the first
+    greedy = namespace["greedy"]
+    assert isinstance(greedy, VerifyResult)
+    assert greedy.accepted.tolist() == [[1, 3]]
