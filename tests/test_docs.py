@@ -10,7 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # modules whose docstring examples must hold; heavier layers test theirs in their own files
-MODULES = ["adaspec.tree", "adaspec.select", "adaspec.acceptance"]
+MODULES = [
+    "adaspec.tree",
+    "adaspec.select",
+    "adaspec.acceptance",
+    "adaspec.verify",
+    "adaspec.kernels.masks",
+    "adaspec.kernels.compaction",
+    "adaspec.kernels.attention",
+]
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -19,10 +27,10 @@ def python_blocks(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_page_examples_run_and_print_what_they_claim(page, capsys):
+    namespace: dict[str, object] = {"__name__": "__doc_example__"}  # a page reads like a notebook
     for block in python_blocks(page):
         if "# not run" in block:
             continue
-        namespace: dict[str, object] = {"__name__": "__doc_example__"}
         exec(compile(block, str(page), "exec"), namespace)
         printed = capsys.readouterr().out.splitlines()
         claims = [m.group(1).strip() for m in re.finditer(r"print\(.*\)[ \t]+# (.+)", block)]

@@ -274,7 +274,7 @@ def small() -> tuple[TokenTree, Tensor]:
         ),
     ],
 )
-def test_bad_input_raises_naming_the_argument(mutate, kwargs, match) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_raises_naming_the_argument(mutate, kwargs, match) -> None:
     tree, logits = small()
     if mutate is not None:
         mutate(logits)
@@ -302,7 +302,7 @@ def test_bad_shapes_and_vocab_raise() -> None:
         verify(tree, logits, temperature=1.0, draft_probs=draft)
     draft = torch.full((2, 3, 4), 0.25)
     draft[0, 1, 3] = -0.1
-    with pytest.raises(ValueError, match="draft_probs must be non-negative"):
+    with pytest.raises(ValueError, match="draft_probs must be finite and non-negative"):
         verify(
             tree,
             logits,
@@ -310,6 +310,17 @@ def test_bad_shapes_and_vocab_raise() -> None:
             draft_probs=draft,
             generator=torch.Generator().manual_seed(1),
         )
+
+
+def test_draft_rows_of_leaves_are_not_read() -> None:
+    tree, logits = small()
+    draft = torch.full((2, 3, 4), 0.25)
+    draft[0, 2] = float("nan")  # node 2 is a leaf
+    draft[1] = float("nan")  # a single-node tree: its root has no children
+    res = verify(
+        tree, logits, temperature=1.0, draft_probs=draft, generator=torch.Generator().manual_seed(0)
+    )
+    assert res.emitted.shape == (2, 3)
 
 
 def test_sample_children_edges() -> None:
@@ -382,3 +393,19 @@ def test_accepted_feeds_compact_kv() -> None:
         acc, _ = as_lists(res, r)
         kept = k[r, 0, int(lens[r]) : int(new[r]), 0].long().tolist()
         assert kept == [0, *acc]
+
+
+# ---------------------------------------------------------------------- examples run
+# (docstring examples and docs/verify.md as a whole run in tests/test_docs.py)
+def test_docs_page_examples_run() -> None:
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "verify.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert len(blocks) >= 2
+    namespace: dict[str, object] = {}
+    exec("\n".join(blocks), namespace)  # later blocks continue the first
+    greedy = namespace["greedy"]
+    assert isinstance(greedy, VerifyResult)
+    assert greedy.accepted.tolist() == [[1, 3]]

@@ -454,10 +454,11 @@ def _children_table(tree: TokenTree) -> tuple[Tensor, Tensor]:
     rank = torch.arange(N, device=dev) - start.gather(1, sorted_key)  # [R, N]
     counts[:, N] = 0
     K = max(int(counts.max()), 1)
-    table = torch.full((R, N + 1, max(K, N)), -1, dtype=torch.int64, device=dev)
+    table = torch.full((R, N + 1, K), -1, dtype=torch.int64, device=dev)
     rows = torch.arange(R, device=dev).unsqueeze(1).expand(R, N)
-    table[rows, sorted_key, rank] = order
-    return table[:, :, :K], counts
+    is_child = sorted_key < N
+    table[rows[is_child], sorted_key[is_child], rank[is_child]] = order[is_child]
+    return table, counts
 
 
 def _walk_draft(
@@ -467,6 +468,7 @@ def _walk_draft(
     R, _ = tree.tokens.shape
     dev = tree.device
     children, counts = _children_table(tree)  # [R, N + 1, K], [R, N + 1]
+    work = torch.promote_types(torch.float32, draft_probs.dtype)
     cur = torch.zeros(R, dtype=torch.int64, device=dev)
     bonus = torch.full((R,), -1, dtype=torch.int64, device=dev)
     last = torch.zeros(R, dtype=torch.int64, device=dev)
@@ -476,13 +478,18 @@ def _walk_draft(
             break
         A = rows.numel()
         node = cur[rows]  # [A]
-        # float64 residuals: the rule divides by residual masses that can be tiny
-        p = target.probs(rows, node).double()  # [A, V]
+        # residuals in the draft's precision (at least float32): float64 draft_probs make
+        # the rule exact to rounding of float64, which the enumeration tests rely on
+        p = target.probs(rows, node).to(work)  # [A, V]
         p = p / p.sum(-1, keepdim=True)
-        q = draft_probs[rows, node].double()  # [A, V]
-        _check_rows(q, "draft_probs", rows, node)
-        if bool((q < 0).any()):
-            raise ValueError("draft_probs must be non-negative")
+        q = draft_probs[rows, node].to(work)  # [A, V]
+        # leaves' rows are never used (a caller may leave them empty or NaN)
+        parents_now = counts[rows, node] > 0  # [A]
+        q = torch.where(parents_now.unsqueeze(1), q, 0.0)
+        if bool((~torch.isfinite(q) | (q < 0)).any()):
+            raise ValueError(
+                "draft_probs must be finite and non-negative in the rows of nodes with children"
+            )
         qsum = q.sum(-1, keepdim=True)
         q = torch.where(qsum > 0, q / qsum, q)
         nxt = torch.full((A,), -1, dtype=torch.int64, device=dev)
@@ -497,7 +504,7 @@ def _walk_draft(
             if test.numel() == 0:
                 continue
             xt = x[test]
-            ratio = (p[test, xt] / qx[test]).clamp(max=1.0)
+            ratio = (p[test, xt] / qx[test]).clamp(max=1.0).double()
             ok = draws.bernoulli(rows[test], ratio)
             acc = test[ok]
             nxt[acc] = child[acc]

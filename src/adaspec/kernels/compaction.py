@@ -16,15 +16,33 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
     ``cache_lens[r] + i`` for node i. After compaction, positions
     ``cache_lens[r] + 1 + j`` hold node ``accepted[r, j]``; the root stays where it is.
     Everything past the returned length is stale and must be ignored or overwritten.
+    The cache grows by the emitted count (accepted + bonus): the root and the accepted
+    nodes are kept, and the bonus token becomes the next step's (uncached) root.
 
-    Args:
-        k_cache, v_cache: (R, H, S, D) key and value caches, modified in place.
-        cache_lens: (R,) int64 prefix length of each request before the tree block.
-        accepted: (R, A) int64 accepted node indices in path order, excluding the root,
-            -1 padded on the right (as returned by verification).
+    Parameters
+    ----------
+    k_cache, v_cache : Tensor
+        ``(R, H, S, D)`` key and value caches, any dtype, modified in place.
+    cache_lens : Tensor
+        ``(R,)`` integer prefix length of each request before the tree block.
+    accepted : Tensor
+        ``(R, A)`` integer accepted node indices in path order, excluding the root,
+        -1 padded on the right (as returned by verification).
 
-    Returns:
-        (R,) int64 new cache lengths: ``cache_lens + 1 + (number accepted)``.
+    Returns
+    -------
+    Tensor
+        ``(R,)`` int64 new cache lengths: ``cache_lens + 1 + (number accepted)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> k = torch.arange(8.0).reshape(1, 1, 8, 1); v = k.clone()
+    >>> # prefix of 2, tree nodes 0..4 at slots 2..6; path root -> 2 -> 4 accepted
+    >>> compact_kv(k, v, torch.tensor([2]), torch.tensor([[2, 4, -1]])).tolist()
+    [5]
+    >>> k.flatten()[:5].tolist()
+    [0.0, 1.0, 2.0, 4.0, 6.0]
     """
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
@@ -46,6 +64,8 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
     A = acc.shape[1]
     if A == 0:
         return lens + 1
+    if not torch.equal(valid, valid.to(torch.int64).cummin(1).values.bool()):
+        raise ValueError("accepted must be -1 padded on the right only (no -1 before a node index)")
     if bool((acc[valid] < 1).any()) or bool((lens.unsqueeze(1) + acc >= S)[valid].any()):
         raise ValueError(
             "accepted must hold tree node indices >= 1 whose slots lie inside the cache"
