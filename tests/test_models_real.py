@@ -71,9 +71,9 @@ def check_tree_logits(model: Any, prompt: list[int], tree: TokenTree, out: torch
     leaves = is_leaf(tree)[0].nonzero().flatten().tolist()
     for leaf in leaves:
         path = path_to(tree, torch.tensor([leaf]))[0].tolist()
-        ref = plain_logits(model, prompt + tree.tokens[0, path].tolist())  # [L, V]
+        ref = plain_logits(model, prompt + tree.tokens[0, path].tolist(), last=len(path))
         for j, node in enumerate(path):
-            expect = ref[len(prompt) + j]
+            expect = ref[j]
             torch.testing.assert_close(out[node], expect, atol=budget(expect), rtol=0)
             assert int(out[node].argmax()) == int(expect.argmax())
 
@@ -120,7 +120,7 @@ def test_commit_then_decode_equals_plain_forward(pair: Pair) -> None:
     root = TokenTree(torch.tensor([[11], [12]]), torch.full((2, 1), -1), torch.zeros(2, 1))
     out = tree_forward(target, root, state)
     for r, seq in enumerate(seqs):
-        ref = plain_logits(target, [*seq, 11 + r])[-1]
+        ref = plain_logits(target, [*seq, 11 + r], last=1)[-1]
         torch.testing.assert_close(out[r, 0], ref, atol=budget(ref), rtol=0)
         assert int(out[r, 0].argmax()) == int(ref.argmax())
     # the cache itself equals a plain forward's (last layer, where errors are largest)
@@ -147,7 +147,7 @@ def test_draft_grows_the_plain_beam_and_commits(pair: Pair) -> None:
             [
                 torch.stack(
                     [
-                        plain_logits(target, prompts[r] + path_tokens(tree, r, int(i)))[-1]
+                        plain_logits(target, prompts[r] + path_tokens(tree, r, int(i)), last=1)[-1]
                         for i in grower.frontier[r]
                     ]
                 )

@@ -33,9 +33,13 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
         )
     R, _, S, _ = k_cache.shape
     if cache_lens.shape != (R,) or cache_lens.dtype.is_floating_point:
-        raise ValueError(f"cache_lens must be an (R,) = ({R},) integer tensor, got {cache_lens.dtype} {tuple(cache_lens.shape)}")
+        raise ValueError(
+            f"cache_lens must be an (R,) = ({R},) integer tensor, got {cache_lens.dtype} {tuple(cache_lens.shape)}"
+        )
     if accepted.dim() != 2 or accepted.shape[0] != R or accepted.dtype.is_floating_point:
-        raise ValueError(f"accepted must be an (R, A) = ({R}, A) integer tensor, got {accepted.dtype} {tuple(accepted.shape)}")
+        raise ValueError(
+            f"accepted must be an (R, A) = ({R}, A) integer tensor, got {accepted.dtype} {tuple(accepted.shape)}"
+        )
     lens = cache_lens.to(device=k_cache.device, dtype=torch.int64)
     acc = accepted.to(device=k_cache.device, dtype=torch.int64)
     valid = acc >= 0  # [R, A]
@@ -43,7 +47,9 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
     if A == 0:
         return lens + 1
     if bool((acc[valid] < 1).any()) or bool((lens.unsqueeze(1) + acc >= S)[valid].any()):
-        raise ValueError("accepted must hold tree node indices >= 1 whose slots lie inside the cache")
+        raise ValueError(
+            "accepted must hold tree node indices >= 1 whose slots lie inside the cache"
+        )
     dst = lens.unsqueeze(1) + 1 + torch.arange(A, device=acc.device)  # [R, A]
     # padded entries copy the root onto itself: no Python branching, no host sync
     src = torch.where(valid, lens.unsqueeze(1) + acc, lens.unsqueeze(1))
