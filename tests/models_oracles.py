@@ -11,10 +11,14 @@ from transformers import DynamicCache
 from adaspec.tree import TokenTree, path_to
 
 
-def plain_logits(model: nn.Module, tokens: list[int]) -> Tensor:
-    """(L, V) float32 logits of a plain forward of one sequence, transformers' own masks."""
+def plain_logits(model: nn.Module, tokens: list[int], last: int = 0) -> Tensor:
+    """(L, V) float32 logits of a plain forward of one sequence, transformers' own masks.
+
+    ``last`` > 0 keeps only the last ``last`` positions (L = last).
+    """
     with torch.no_grad():
-        logits: Tensor = model(input_ids=torch.tensor([tokens])).logits[0].float()
+        out = model(input_ids=torch.tensor([tokens]), logits_to_keep=last)
+        logits: Tensor = out.logits[0].float()
     return logits
 
 

@@ -248,6 +248,11 @@ def test_bad_input_is_rejected() -> None:
         tiny_model("gpt2")
     with pytest.raises(ValueError, match="num_requests"):
         KVState.empty(0)
+    long, _ = prefill(model, [[1] * 1020])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        tree_forward(
+            model, TokenTree([1, 2, 3, 4, 5], [-1, 0, 1, 2, 3], [0.0, -1, -2, -3, -4]), long
+        )
 
 
 def test_importing_adaspec_does_not_import_transformers() -> None:

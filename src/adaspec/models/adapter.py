@@ -110,16 +110,21 @@ def _layers(state: KVState) -> list[Any]:
     return [layer for layer in layers if getattr(layer, "keys", None) is not None]
 
 
-def _sliding(model: nn.Module) -> tuple[int | None, list[str] | None]:
-    """(window, layer types) of a model's text config; window None without sliding layers."""
+def _attention_config(model: nn.Module) -> tuple[int | None, list[str] | None, int | None]:
+    """(sliding window, layer types, max positions) of a model's text config.
+
+    The window is None when no layer slides; layer types None when every layer slides.
+    """
     config: Any = model.config
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    max_pos = int(max_pos) if max_pos is not None else None
     if window is None or (types is not None and "sliding_attention" not in types):
-        return None, None
-    return int(window), list(types) if types is not None else None
+        return None, None, max_pos
+    return int(window), list(types) if types is not None else None, max_pos
 
 
 def _forward_block(
@@ -128,16 +133,25 @@ def _forward_block(
     tokens: Tensor,
     positions: Tensor,
     visible: Tensor,
+    logits_at: Tensor | None = None,
 ) -> Tensor:
     """Forward Q new nodes per request after the prefix and the ``pending`` nodes.
 
     ``tokens``, ``positions``: (R, Q) int64. ``visible``: (R, Q, pending + Q) bool, which of
     the pending nodes and of the new nodes each new node attends to (the prefix is always
-    visible). Returns logits (R, Q, V) float32; afterwards the new nodes are pending nodes
+    visible). Returns logits (R, Q, V) float32, or (R, K, V) at the K query indices
+    ``logits_at`` (1-D int64) only, which skips most of a large vocabulary's projection.
+    Afterwards the new nodes are pending nodes
     ``pending .. pending + Q - 1`` in the layout of the module docstring.
     """
     R, Q = tokens.shape
     dev = tokens.device
+    window, types, max_pos = _attention_config(model)
+    if max_pos is not None and Q > 0 and int(positions.max()) >= max_pos:
+        raise ValueError(
+            f"position {int(positions.max())} is past the model's max_position_embeddings "
+            f"({max_pos}): requests this long are not supported"
+        )
     P = state.capacity
     lens = state.lens
     pend = state.pending
@@ -162,7 +176,6 @@ def _forward_block(
     def additive(v: Tensor) -> Tensor:
         return torch.zeros(v.shape, dtype=dtype, device=dev).masked_fill_(~v, hidden).unsqueeze(1)
 
-    window, types = _sliding(model)
     mask: Tensor | dict[str, Tensor]
     if window is None:
         mask = additive(vis)  # [R, 1, Q, P + Q]
@@ -182,6 +195,7 @@ def _forward_block(
             position_ids=positions,
             past_key_values=state.cache,
             use_cache=True,
+            logits_to_keep=0 if logits_at is None else logits_at,
         )
     # move the new entries from the end (slot P + q) to lens[r] + pend + q
     if bool((lens != lens.max()).any()):
@@ -254,9 +268,10 @@ def _extend(
     # padding positions see only themselves: no row of the mask is empty
     visible = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(C, dtype=torch.bool, device=dev)
     positions = state.lens.unsqueeze(1) + k  # [R, C]
-    logits = _forward_block(model, state, chains, positions, visible)  # [R, C, V]
-    last = (counts - 1).clamp(min=0)
-    out = logits[torch.arange(R, device=dev), last]  # [R, V]
+    # only each chain's last position needs logits: project those (K <= R distinct indices)
+    last, which = torch.unique(counts - 1, return_inverse=True)
+    logits = _forward_block(model, state, chains, positions, visible, last)  # [R, K, V]
+    out = logits[torch.arange(R, device=dev), which]  # [R, V]
     if keep_last:
         state.lens = state.lens + counts - 1
         state.pending = 1

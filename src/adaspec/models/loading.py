@@ -27,6 +27,8 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +96,7 @@ class ModelPair:
     name: str
     path: Path  # the converted folder the target was loaded from
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Any]:
         return iter((self.target, self.draft, self.tokenizer))
 
 
@@ -291,7 +293,12 @@ def make_draft(target: nn.Module, kind: str = "int8") -> nn.Module:
     if kind == "int8":
         from torch.ao.quantization import quantize_dynamic
 
-        draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            # torch.ao's eager quantization is deprecated in favour of torchao (not a
+            # dependency here); it still works in the pinned torch, and a test covers it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
     elif kind == "int4-sim":
         with torch.no_grad():
             for module in draft.modules():
