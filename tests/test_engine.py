@@ -206,3 +206,38 @@ def test_abort_and_bad_input(pair64):
         generate(target, draft, [[1], [2]], slo=[0.1])
     with pytest.raises(ValueError, match="single prompt"):
         generate(target, draft, [[1], [2]], streamer=object())
+
+
+class RecordingStreamer:
+    """The streamer protocol of transformers (``put`` / ``end``), recording what it gets."""
+
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_the_prompt_then_every_token(pair64):
+    target, draft = pair64
+    streamer = RecordingStreamer()
+    out = generate(target, draft, [PROMPTS[0]], max_new_tokens=9, streamer=streamer, config=FIXED)
+    assert streamer.chunks[0] == PROMPTS[0]
+    assert [t for c in streamer.chunks[1:] for t in c] == out.sequences[0]
+    assert streamer.ended
+
+
+def test_transformers_text_streamer_runs(pair64, capsys):
+    from transformers import TextStreamer
+
+    class Ids:  # a stand-in tokenizer: token ids as text
+        def decode(self, ids, **_):
+            return " ".join(map(str, ids))
+
+    target, draft = pair64
+    out = generate(target, draft, [PROMPTS[1]], max_new_tokens=5, streamer=TextStreamer(Ids(), skip_prompt=True), config=FIXED)
+    assert capsys.readouterr().out.split() == [str(t) for t in out.sequences[0]]

@@ -42,7 +42,7 @@ from adaspec.verify import SpecStats, VerifyResult, verify
 
 __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
 
-# with the auto budget, a run of plain steps re-probes speculation this often
+# with the auto budget, a run of plain steps re-probes full-depth speculation this often
 _PROBE_EVERY = 8
 
 
@@ -75,6 +75,10 @@ class EngineConfig:
         max_batch: live requests at most; more wait in a queue.
         calibrate: learn acceptance rates online (:class:`~adaspec.acceptance.Calibrator`)
             and select on the calibrated estimates.
+        selection: ``"slo"`` (AdaServe: SLO needs first, then throughput), ``"throughput"``
+            (ignore SLOs: the globally best nodes), or ``"even"`` (the budget split evenly,
+            each request's own optimal tree). The last two are baselines for comparison;
+            a fixed chain of k tokens is ``depth=k, width=1, budget=R * (k + 1)``.
         warmup: profile target and draft forwards once before the first step to seed the
             latency model.
     """
@@ -88,8 +92,11 @@ class EngineConfig:
     max_batch: int = 32
     calibrate: bool = True
     warmup: bool = True
+    selection: Literal["slo", "throughput", "even"] = "slo"
 
     def __post_init__(self) -> None:
+        if self.selection not in ("slo", "throughput", "even"):
+            raise ValueError(f"EngineConfig.selection must be 'slo', 'throughput' or 'even', got {self.selection!r}")
         for name in ("depth", "max_tokens_per_step", "max_batch", "width"):
             value = getattr(self, name)
             low = 0 if name == "depth" else 1
@@ -274,7 +281,9 @@ class Engine:
         self._next_id = 0
         if self.config.warmup:
             self._warmup()
-        self._spec_rate: float | None = None  # emitted tokens / s of the last speculative step
+        # per beam level k: requests drafted that deep, and how many accepted paths reached k
+        self._reach_trials = torch.zeros(max(1, self.config.depth), dtype=torch.float64)
+        self._reach_hits = torch.zeros(max(1, self.config.depth), dtype=torch.float64)
         self._plain_streak = 0  # plain steps since the last speculative one
 
     # ------------------------------------------------------------------ requests
@@ -414,6 +423,7 @@ class Engine:
         return temp, top_k, top_p, False
 
     def _beam_shape(self, R: int) -> tuple[int, int]:
+        """(depth, width) of this step's beam, before the auto plan shortens it."""
         depth, width = self.config.depth, self.config.width
         if self.config.adaptive_shape and depth > 0:
             # AdaServe shrinks the beam as the batch grows: keep about 4x the per-request
@@ -424,6 +434,27 @@ class Engine:
             while depth * width > share and depth > 1:
                 depth -= 1
         return depth, width
+
+    def _plan_depth(self, R: int, depth: int, width: int) -> int:
+        """Beam depth with the most expected emitted tokens per second; 0 = plain decoding.
+
+        With the auto budget, each candidate depth d is scored from measurements: the draft
+        costs d levels of the draft latency model, verification the target latency model at
+        about R (d + 1) tokens, and a request emits 1 + Σ_{k<=d} P(accepted path reaches k),
+        estimated from past verifications. Per-request time per token follows the same ratio,
+        so this choice also serves the SLOs best. Every few plain steps the full depth is
+        probed again so the estimates stay current.
+        """
+        if self.config.budget != "auto" or depth == 0 or self._reach_trials[0] == 0:
+            return depth
+        if self._plain_streak >= _PROBE_EVERY:
+            return depth
+        level = float(self.draft_latency.predict(R * width))
+        reach = (self._reach_hits[:depth] + 0.5) / (self._reach_trials[:depth] + 1.0)  # [depth]
+        gain = torch.cat([torch.zeros(1, dtype=torch.float64), reach.cumsum(0)])  # [depth + 1]
+        d = torch.arange(depth + 1, dtype=torch.float64)
+        seconds = d * level + self.verify_latency.predict(R * (d + 1))
+        return int(((1 + gain) / seconds).argmax())
 
     def _warmup(self) -> None:
         """Seed both latency models with a few timed forwards on a short dummy prefix."""
@@ -468,37 +499,20 @@ class Engine:
         for r in self._active:
             if r.start is None:
                 r.start = now
-        if self._speculate_now():
-            emitted, counts = self._speculative_step()
+        depth, width = self._beam_shape(len(self._active))
+        depth = self._plan_depth(len(self._active), depth, width)
+        if depth > 0:
+            emitted, counts = self._speculative_step(depth, width)
         else:
             emitted, counts = self._plain_step()
         self.stats.steps += 1
         return self._emit(emitted, counts)
 
-    def _speculate_now(self) -> bool:
-        """Whether this step drafts: it pays off, an SLO needs it, or it is time to re-probe.
-
-        Speculation pays when the recent emitted tokens per second of speculative steps beat
-        the predicted rate of plain decoding (R tokens per target forward of R tokens).
-        """
-        cfg = self.config
-        if cfg.depth == 0:
-            return False
-        if cfg.budget != "auto" or self._spec_rate is None:
-            return True
-        R = len(self._active)
-        plain_rate = R / float(self.verify_latency.predict(R))
-        if self._spec_rate >= plain_rate or self._plain_streak >= _PROBE_EVERY:
-            return True
-        need = self._needs(time.perf_counter(), cfg.depth)
-        return bool((need > 1).any())
-
-    def _speculative_step(self) -> tuple[list[list[int]], list[int]]:
+    def _speculative_step(self, depth: int, width: int) -> tuple[list[list[int]], list[int]]:
         assert self._target_state is not None and self._draft_state is not None
         cfg = self.config
         R = len(self._active)
         temperature, top_k, top_p, greedy = self._sampling()
-        depth, width = self._beam_shape(R)
         t_start = time.perf_counter()
 
         # 1. draft: candidate trees from a beam over the draft model
@@ -508,7 +522,7 @@ class Engine:
             temperature=temperature, top_k=top_k, top_p=top_p,
         )  # fmt: skip
         t_draft = time.perf_counter()
-        self.draft_latency.observe(max(1, R * width), t_draft - t_start)
+        self.draft_latency.observe(R * width, (t_draft - t_start) / depth)  # per level
 
         # 2. needs from the SLO clocks, the budget, and the selection
         cand_raw = dtree.candidates
@@ -518,7 +532,14 @@ class Engine:
             budget = self._auto_budget(cand, need, cfg.max_per_request, t_draft - t_start)
         else:
             budget = max(R, cfg.budget)
-        sel = select(cand, budget, need=need, max_per_request=cfg.max_per_request)
+        if cfg.selection == "even":
+            cap = max(1, budget // R)
+            if cfg.max_per_request is not None:
+                cap = min(cap, cfg.max_per_request)
+            sel = select(cand, R * cap, max_per_request=cap)
+        else:
+            slo_need = need if cfg.selection == "slo" else None
+            sel = select(cand, budget, need=slo_need, max_per_request=cfg.max_per_request)
         t_select = time.perf_counter()
 
         # 3. one target forward over every selected tree
@@ -542,7 +563,10 @@ class Engine:
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
 
-        self._spec_rate = sum(counts) / (t_end - t_start)
+        reached = res.num_accepted.cpu()
+        levels = torch.arange(1, depth + 1)
+        self._reach_trials[:depth] += R
+        self._reach_hits[:depth] += (reached.unsqueeze(1) >= levels).sum(0).double()
         self._plain_streak = 0
         self.stats.target_tokens += n_tokens
         self.stats.draft_time += t_draft - t_start

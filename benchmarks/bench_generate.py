@@ -1,0 +1,198 @@
+"""End-to-end generation on the shipped real pairs: adaspec vs the target alone vs transformers.
+
+    python benchmarks/bench_generate.py [--pairs gemma-3-270m smollm2-135m] [--max-new-tokens 32]
+        [--batches 1 4 16 32] [--slo-batch 16] [--threads 2] [--plot benchmarks/out/generate.png]
+
+Greedy, identical prompts (MT-bench first turns, HumanEval prompts), every method in the same
+run. Three tables per pair:
+
+1. batch 1: tokens/s and τ of adaspec.generate, target-only ``generate`` and transformers'
+   assisted generation with the same draft (``assistant_model=``);
+2. batch 1, 4, 16, 32: throughput of adaspec vs batched target-only ``generate``;
+3. a mixed-SLO batch: SLO attainment and goodput of adaspec's SLO selection vs the same engine
+   with (a) a fixed chain of 4, (b) an even split of a fixed budget, (c) throughput-only selection.
+
+Prints tables, saves a PNG plot (needs matplotlib), asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaspec.engine import SLO, EngineConfig, GenerateOutput, generate
+
+
+def count_forwards(model: torch.nn.Module) -> tuple[list[int], Any]:
+    calls = [0]
+
+    def hook(*_: Any) -> None:
+        calls[0] += 1
+
+    return calls, model.register_forward_pre_hook(hook)
+
+
+def hf_generate(model: Any, prompts: list[list[int]], n: int, pad: int, eos: int, **kwargs: Any) -> tuple[list[list[int]], float, int]:
+    """Greedy transformers generate of a left-padded batch; (outputs, seconds, target forwards).
+
+    Each output is cut after its first eos (transformers pads finished rows).
+    """
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    calls, handle = count_forwards(model)
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                eos_token_id=eos, pad_token_id=pad, **kwargs,
+            )  # fmt: skip
+        seconds = time.perf_counter() - t0
+    finally:
+        handle.remove()
+    rows = [row[L:].tolist() for row in out]
+    return [r[: r.index(eos) + 1] if eos in r else r for r in rows], seconds, calls[0]
+
+
+def ours(target: Any, draft: Any, prompts: list[list[int]], n: int, eos: int, config: EngineConfig | None = None, slo: Any = None) -> GenerateOutput:
+    return generate(target, draft, prompts, max_new_tokens=n, stop=[eos], config=config, slo=slo, progress=False)
+
+
+def tokens(seqs: list[list[int]]) -> int:
+    return sum(len(s) for s in seqs)
+
+
+def prompts_for(tok: Any, k: int) -> list[list[int]]:
+    from adaspec.models.prompts import chat_prompt_ids, humaneval_prompts, mtbench_questions
+
+    chat = [chat_prompt_ids(tok, q["turns"][0]) for q in mtbench_questions()]
+    code = [chat_prompt_ids(tok, p) for p in humaneval_prompts()]
+    mixed = [x for pair in zip(chat, code, strict=False) for x in pair]
+    return mixed[:k]
+
+
+def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[str, Any]]]) -> None:
+    from adaspec.models import load_pair
+
+    target, draft, tok = load_pair(name)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = tok.eos_token_id
+    n = args.max_new_tokens
+    prompts = prompts_for(tok, max(max(args.batches), args.slo_batch))
+    ours(target, draft, prompts[:1], 4, eos)  # warm both models once
+
+    # 1. batch 1 against transformers
+    print(f"\n## {name}: batch 1, {n} new tokens, greedy\n")
+    print("| method | tokens/s | τ | identical to target |")
+    print("|---|---|---|---|")
+    p = prompts[:1]
+    ref, t_ref, calls = hf_generate(target, p, n, pad, eos)
+    out = ours(target, draft, p, n, eos)
+    asst, t_asst, calls_a = hf_generate(target, p, n, pad, eos, assistant_model=draft)
+    n_ref, n_asst, n_ours = tokens(ref), tokens(asst), tokens(out.sequences)
+    base = n_ref / t_ref
+    for method, tps, tau, same in [
+        ("target-only generate", base, n_ref / max(1, calls), True),
+        ("transformers assisted (same draft)", n_asst / t_asst, n_asst / max(1, calls_a), asst == ref),
+        ("adaspec.generate (auto budget)", n_ours / out.stats.wall_time, out.stats.tau, out.sequences == ref),
+    ]:
+        print(f"| {method} | {tps:.2f} ({tps / base:.2f}x) | {tau:.2f} | {same} |")
+        rows["batch1"].append({"pair": name, "method": method, "tok_s": tps})
+
+    # 2. throughput against batched target-only decoding
+    print(f"\n## {name}: throughput vs batch size, {n} new tokens per request\n")
+    print("| batch | target-only tok/s | adaspec tok/s | ratio | adaspec τ | identical |")
+    print("|---|---|---|---|---|---|")
+    for b in args.batches:
+        p = prompts[:b]
+        ref, t_ref, _ = hf_generate(target, p, n, pad, eos)
+        out = ours(target, draft, p, n, eos)
+        base, mine = tokens(ref) / t_ref, tokens(out.sequences) / out.stats.wall_time
+        same = sum(a == r for a, r in zip(out.sequences, ref, strict=True))
+        print(f"| {b} | {base:.2f} | {mine:.2f} | {mine / base:.2f}x | {out.stats.tau:.2f} | {same}/{b} |")
+        rows["batch"].append({"pair": name, "batch": b, "target": base, "adaspec": mine})
+
+    # 3. mixed SLOs: selection policies
+    R = args.slo_batch
+    p = prompts[:R]
+    base = ours(target, draft, p[:1], 12, eos, config=EngineConfig(depth=0)).stats.requests[0].tpot
+    k = R // 3
+    slos = [SLO(1.2 * base, "tight")] * k + [SLO(2.5 * base, "medium")] * k + [SLO(6 * base, "relaxed")] * (R - 2 * k)
+    print(f"\n## {name}: mixed-SLO batch of {R} (baseline {1e3 * base:.0f} ms/token; tight 1.2x, medium 2.5x, relaxed 6x)\n")
+    print("| policy | attainment | tight | medium | relaxed | goodput tok/s | throughput tok/s | τ |")
+    print("|---|---|---|---|---|---|---|---|")
+    policies = {
+        "adaspec SLO selection (auto budget)": EngineConfig(),
+        "fixed chain k=4": EngineConfig(depth=4, width=1, budget=5 * R, selection="throughput", calibrate=False),
+        "fixed tree, budget 4R split evenly": EngineConfig(budget=4 * R, selection="even"),
+        "throughput-only selection (need=None)": EngineConfig(selection="throughput"),
+        "no speculation": EngineConfig(depth=0),
+    }
+    for policy, cfg in policies.items():
+        s = ours(target, draft, p, n, eos, config=cfg, slo=slos).stats
+        by = {c: [r.attained for r in s.requests if r.slo is not None and r.slo.name == c] for c in ("tight", "medium", "relaxed")}
+        frac = {c: f"{sum(v)}/{len(v)}" for c, v in by.items()}
+        print(
+            f"| {policy} | {s.attainment:.0%} | {frac['tight']} | {frac['medium']} | {frac['relaxed']} "
+            f"| {s.goodput:.2f} | {s.throughput:.2f} | {s.tau:.2f} |"
+        )
+        rows["slo"].append({"pair": name, "policy": policy, "attainment": s.attainment, "goodput": s.goodput})
+
+
+def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("\n(matplotlib not installed: no plot; pip install 'adaspec[bench]')")
+        return
+    pairs = sorted({r["pair"] for r in rows["batch"]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in pairs:
+        pts = [r for r in rows["batch"] if r["pair"] == name]
+        b = [r["batch"] for r in pts]
+        axes[0].plot(b, [r["adaspec"] for r in pts], "o-", label=f"{name} adaspec")
+        axes[0].plot(b, [r["target"] for r in pts], "s--", label=f"{name} target-only")
+    axes[0].set(xscale="log", xlabel="batch size", ylabel="tokens / s", title="Throughput (greedy)")
+    axes[0].legend(fontsize=7)
+    policies = list(dict.fromkeys(r["policy"] for r in rows["slo"]))
+    width = 0.8 / max(1, len(pairs))
+    for j, name in enumerate(pairs):
+        vals = [next(r["attainment"] for r in rows["slo"] if r["pair"] == name and r["policy"] == p) for p in policies]
+        axes[1].bar([i + j * width for i in range(len(policies))], vals, width, label=name)
+    axes[1].set_xticks([i + width * (len(pairs) - 1) / 2 for i in range(len(policies))])
+    axes[1].set_xticklabels([p.split(" (")[0] for p in policies], rotation=20, ha="right", fontsize=7)
+    axes[1].set(ylabel="SLO attainment", ylim=(0, 1.05), title="Mixed-SLO batch")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"\nplot saved to {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--slo-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plot", type=Path, default=Path("benchmarks/out/generate.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows: dict[str, list[dict[str, Any]]] = {"batch1": [], "batch": [], "slo": []}
+    for name in args.pairs:
+        bench_pair(name, args, rows)
+    plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
