@@ -36,7 +36,9 @@ def count_forwards(model: torch.nn.Module) -> tuple[list[int], Any]:
     return calls, model.register_forward_pre_hook(hook)
 
 
-def hf_generate(model: Any, prompts: list[list[int]], n: int, pad: int, eos: int, **kwargs: Any) -> tuple[list[list[int]], float, int]:
+def hf_generate(
+    model: Any, prompts: list[list[int]], n: int, pad: int, eos: int, **kwargs: Any
+) -> tuple[list[list[int]], float, int]:
     """Greedy transformers generate of a left-padded batch; (outputs, seconds, target forwards).
 
     Each output is cut after its first eos (transformers pads finished rows).
@@ -59,8 +61,18 @@ def hf_generate(model: Any, prompts: list[list[int]], n: int, pad: int, eos: int
     return [r[: r.index(eos) + 1] if eos in r else r for r in rows], seconds, calls[0]
 
 
-def ours(target: Any, draft: Any, prompts: list[list[int]], n: int, eos: int, config: EngineConfig | None = None, slo: Any = None) -> GenerateOutput:
-    return generate(target, draft, prompts, max_new_tokens=n, stop=[eos], config=config, slo=slo, progress=False)
+def ours(
+    target: Any,
+    draft: Any,
+    prompts: list[list[int]],
+    n: int,
+    eos: int,
+    config: EngineConfig | None = None,
+    slo: Any = None,
+) -> GenerateOutput:
+    return generate(
+        target, draft, prompts, max_new_tokens=n, stop=[eos], config=config, slo=slo, progress=False
+    )
 
 
 def tokens(seqs: list[list[int]]) -> int:
@@ -98,8 +110,18 @@ def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[st
     base = n_ref / t_ref
     for method, tps, tau, same in [
         ("target-only generate", base, n_ref / max(1, calls), True),
-        ("transformers assisted (same draft)", n_asst / t_asst, n_asst / max(1, calls_a), asst == ref),
-        ("adaspec.generate (auto budget)", n_ours / out.stats.wall_time, out.stats.tau, out.sequences == ref),
+        (
+            "transformers assisted (same draft)",
+            n_asst / t_asst,
+            n_asst / max(1, calls_a),
+            asst == ref,
+        ),
+        (
+            "adaspec.generate (auto budget)",
+            n_ours / out.stats.wall_time,
+            out.stats.tau,
+            out.sequences == ref,
+        ),
     ]:
         print(f"| {method} | {tps:.2f} ({tps / base:.2f}x) | {tau:.2f} | {same} |")
         rows["batch1"].append({"pair": name, "method": method, "tok_s": tps})
@@ -113,8 +135,10 @@ def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[st
         ref, t_ref, _ = hf_generate(target, p, n, pad, eos)
         out = ours(target, draft, p, n, eos)
         base, mine = tokens(ref) / t_ref, tokens(out.sequences) / out.stats.wall_time
-        same = sum(a == r for a, r in zip(out.sequences, ref, strict=True))
-        print(f"| {b} | {base:.2f} | {mine:.2f} | {mine / base:.2f}x | {out.stats.tau:.2f} | {same}/{b} |")
+        sum(a == r for a, r in zip(out.sequences, ref, strict=True))
+        print(
+            f"| {b} | {base:.2f} | {mine:.2f} | {mine / base:.2f}x | {out.stats.tau:.2f} | {same}/{b} |"
+        )
         rows["batch"].append({"pair": name, "batch": b, "target": base, "adaspec": mine})
 
     # 3. mixed SLOs: selection policies
@@ -122,26 +146,41 @@ def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[st
     p = prompts[:R]
     base = ours(target, draft, p[:1], 12, eos, config=EngineConfig(depth=0)).stats.requests[0].tpot
     k = R // 3
-    slos = [SLO(1.2 * base, "tight")] * k + [SLO(2.5 * base, "medium")] * k + [SLO(6 * base, "relaxed")] * (R - 2 * k)
-    print(f"\n## {name}: mixed-SLO batch of {R} (baseline {1e3 * base:.0f} ms/token; tight 1.2x, medium 2.5x, relaxed 6x)\n")
-    print("| policy | attainment | tight | medium | relaxed | goodput tok/s | throughput tok/s | τ |")
+    slos = (
+        [SLO(1.2 * base, "tight")] * k
+        + [SLO(2.5 * base, "medium")] * k
+        + [SLO(6 * base, "relaxed")] * (R - 2 * k)
+    )
+    print(
+        f"\n## {name}: mixed-SLO batch of {R} (baseline {1e3 * base:.0f} ms/token; tight 1.2x, medium 2.5x, relaxed 6x)\n"
+    )
+    print(
+        "| policy | attainment | tight | medium | relaxed | goodput tok/s | throughput tok/s | τ |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     policies = {
         "adaspec SLO selection (auto budget)": EngineConfig(),
-        "fixed chain k=4": EngineConfig(depth=4, width=1, budget=5 * R, selection="throughput", calibrate=False),
+        "fixed chain k=4": EngineConfig(
+            depth=4, width=1, budget=5 * R, selection="throughput", calibrate=False
+        ),
         "fixed tree, budget 4R split evenly": EngineConfig(budget=4 * R, selection="even"),
         "throughput-only selection (need=None)": EngineConfig(selection="throughput"),
         "no speculation": EngineConfig(depth=0),
     }
     for policy, cfg in policies.items():
         s = ours(target, draft, p, n, eos, config=cfg, slo=slos).stats
-        by = {c: [r.attained for r in s.requests if r.slo is not None and r.slo.name == c] for c in ("tight", "medium", "relaxed")}
+        by = {
+            c: [bool(r.attained) for r in s.requests if r.slo is not None and r.slo.name == c]
+            for c in ("tight", "medium", "relaxed")
+        }
         frac = {c: f"{sum(v)}/{len(v)}" for c, v in by.items()}
         print(
             f"| {policy} | {s.attainment:.0%} | {frac['tight']} | {frac['medium']} | {frac['relaxed']} "
             f"| {s.goodput:.2f} | {s.throughput:.2f} | {s.tau:.2f} |"
         )
-        rows["slo"].append({"pair": name, "policy": policy, "attainment": s.attainment, "goodput": s.goodput})
+        rows["slo"].append(
+            {"pair": name, "policy": policy, "attainment": s.attainment, "goodput": s.goodput}
+        )
 
 
 def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -165,10 +204,15 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
     policies = list(dict.fromkeys(r["policy"] for r in rows["slo"]))
     width = 0.8 / max(1, len(pairs))
     for j, name in enumerate(pairs):
-        vals = [next(r["attainment"] for r in rows["slo"] if r["pair"] == name and r["policy"] == p) for p in policies]
+        vals = [
+            next(r["attainment"] for r in rows["slo"] if r["pair"] == name and r["policy"] == p)
+            for p in policies
+        ]
         axes[1].bar([i + j * width for i in range(len(policies))], vals, width, label=name)
     axes[1].set_xticks([i + width * (len(pairs) - 1) / 2 for i in range(len(policies))])
-    axes[1].set_xticklabels([p.split(" (")[0] for p in policies], rotation=20, ha="right", fontsize=7)
+    axes[1].set_xticklabels(
+        [p.split(" (")[0] for p in policies], rotation=20, ha="right", fontsize=7
+    )
     axes[1].set(ylabel="SLO attainment", ylim=(0, 1.05), title="Mixed-SLO batch")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
@@ -178,7 +222,9 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--pairs", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])

@@ -39,6 +39,6 @@ run_tests() {
 case "${1:-}" in
     setup) setup ;;
     test) shift; setup; run_tests "$@" ;;
-    demo) shift; setup; exec "$PY" examples/tree_layers.py "$@" ;;
+    demo) shift; setup; exec "$PY" -m adaspec demo "$@" ;;
     *) echo "usage: bash scripts/run.sh {setup|test|demo}" >&2; exit 2 ;;
 esac

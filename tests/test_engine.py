@@ -42,7 +42,11 @@ PROMPTS = [[5, 9, 14, 3, 77, 21, 8], [42], [7, 7, 1, 60, 2, 33, 90, 11, 4, 4, 19
 
 @pytest.mark.parametrize(
     "config",
-    [FIXED, EngineConfig(depth=4, width=3, budget="auto", calibrate=True, max_batch=2), EngineConfig(depth=0)],
+    [
+        FIXED,
+        EngineConfig(depth=4, width=3, budget="auto", calibrate=True, max_batch=2),
+        EngineConfig(depth=0),
+    ],
     ids=["fixed-budget", "auto-continuous-batching", "no-speculation"],
 )
 def test_greedy_equals_target_generate_exactly_in_float64(pair64, config):
@@ -52,7 +56,9 @@ def test_greedy_equals_target_generate_exactly_in_float64(pair64, config):
         assert seq == reference(target, prompt, 20)
     assert out.stats.spec.num_emitted_tokens.item() >= 4 * 20  # requests cut at length count fully
     if config.budget != "auto" and config.depth:  # auto may decide plain steps are faster here
-        assert out.stats.spec.num_accepted_tokens.item() > 0, "the noisy draft should be accepted sometimes"
+        assert out.stats.spec.num_accepted_tokens.item() > 0, (
+            "the noisy draft should be accepted sometimes"
+        )
 
 
 def test_greedy_gemma3_sliding_window(pair64):
@@ -85,9 +91,21 @@ def test_sampled_sequences_follow_the_target_distribution(temperature, top_k, to
     draft = noisy_copy(target, 0.3, seed=6)
     prompt, length, n = [1, 3, 2], 2, 3000
     exact = exact_distribution(target, prompt, length, temperature, top_k, top_p)
-    engine = Engine(target, draft, config=EngineConfig(depth=2, width=2, budget=4 * n, max_batch=n, warmup=False))
+    engine = Engine(
+        target,
+        draft,
+        config=EngineConfig(depth=2, width=2, budget=4 * n, max_batch=n, warmup=False),
+    )
     ids = [
-        engine.add_request(prompt, max_new_tokens=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=s, stop=[])
+        engine.add_request(
+            prompt,
+            max_new_tokens=length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=s,
+            stop=[],
+        )
         for s in range(n)
     ]
     got: dict[int, list[int]] = {i: [] for i in ids}
@@ -97,7 +115,9 @@ def test_sampled_sequences_follow_the_target_distribution(temperature, top_k, to
     counts: dict[tuple[int, ...], int] = {}
     for seq in got.values():
         counts[tuple(seq)] = counts.get(tuple(seq), 0) + 1
-    assert set(counts) <= {s for s, p in exact.items() if p > 0}, "a sequence the target cannot sample"
+    assert set(counts) <= {s for s, p in exact.items() if p > 0}, (
+        "a sequence the target cannot sample"
+    )
     tv = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
     # E[TV] <= 0.5 * Σ sqrt(p (1 - p) / n); 4x that bound fails with negligible probability
     bound = 2.0 * sum((p * (1 - p) / n) ** 0.5 for p in exact.values())
@@ -108,7 +128,15 @@ def test_sampled_sequences_follow_the_target_distribution(temperature, top_k, to
 def test_same_seed_same_samples(pair64):
     target, draft = pair64
     runs = [
-        generate(target, draft, PROMPTS, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(3), config=FIXED).sequences
+        generate(
+            target,
+            draft,
+            PROMPTS,
+            max_new_tokens=8,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(3),
+            config=FIXED,
+        ).sequences
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -116,7 +144,9 @@ def test_same_seed_same_samples(pair64):
 
 def test_requests_join_and_finish_mid_run_and_cache_lengths_hold(pair64):
     target, draft = pair64
-    engine = Engine(target, draft, config=EngineConfig(depth=3, width=2, budget=12, max_batch=2, warmup=False))
+    engine = Engine(
+        target, draft, config=EngineConfig(depth=3, width=2, budget=12, max_batch=2, warmup=False)
+    )
     want = {}
     outputs: dict[int, list[int]] = {}
     lengths = [5, 9, 3, 7]
@@ -133,10 +163,13 @@ def test_requests_join_and_finish_mid_run_and_cache_lengths_hold(pair64):
             outputs.setdefault(out.request_id, []).extend(out.new_tokens)
         steps += 1
         # the invariant: cache = prompt + emitted, minus the root that is not cached yet
+        tstate, dstate = engine._target_state, engine._draft_state
         for i, req in enumerate(engine._active):
+            assert tstate is not None
+            assert dstate is not None
             expect = len(req.prompt) - 1 + len(req.output)
-            assert int(engine._target_state.lens[i]) == expect
-            draft_len = int(engine._draft_state.lens[i]) + int((engine._draft_state.backlog[i] >= 0).sum())
+            assert int(tstate.lens[i]) == expect
+            draft_len = int(dstate.lens[i]) + int((dstate.backlog[i] >= 0).sum())
             assert draft_len == expect
         assert len(engine._active) <= 2
     assert outputs == want
@@ -156,7 +189,8 @@ def test_stop_token_inside_an_accepted_path_ends_the_request_exactly():
     while engine.has_unfinished():
         outs.extend(engine.step())
     assert [t for o in outs for t in o.new_tokens] == cut
-    assert outs[-1].finished and outs[-1].finish_reason == "stop" and outs[-1].request_id == rid
+    last = outs[-1]
+    assert (last.finished, last.finish_reason, last.request_id) == (True, "stop", rid)
     assert engine.stats.spec.num_accepted_tokens.item() > 0
 
 
@@ -169,11 +203,15 @@ def test_max_new_tokens_inside_a_path():
 
 def test_impossible_slo_completes_and_is_reported_missed(pair64):
     target, draft = pair64
-    out = generate(target, draft, PROMPTS[:2], slo=[1e-9, SLO(10.0, "relaxed")], max_new_tokens=6, config=FIXED)
+    out = generate(
+        target, draft, PROMPTS[:2], slo=[1e-9, SLO(10.0, "relaxed")], max_new_tokens=6, config=FIXED
+    )
     assert out.sequences == [reference(target, p, 6) for p in PROMPTS[:2]]
     first, second = out.stats.requests
     assert first.attained is False
-    assert second.attained is True and second.slo.name == "relaxed"
+    assert second.attained is True
+    assert second.slo is not None
+    assert second.slo.name == "relaxed"
     assert out.stats.attainment == 0.5
 
 
@@ -239,5 +277,6 @@ def test_transformers_text_streamer_runs(pair64, capsys):
             return " ".join(map(str, ids))
 
     target, draft = pair64
-    out = generate(target, draft, [PROMPTS[1]], max_new_tokens=5, streamer=TextStreamer(Ids(), skip_prompt=True), config=FIXED)
+    streamer = TextStreamer(Ids(), skip_prompt=True)  # type: ignore[arg-type]
+    out = generate(target, draft, [PROMPTS[1]], max_new_tokens=5, streamer=streamer, config=FIXED)
     assert capsys.readouterr().out.split() == [str(t) for t in out.sequences[0]]

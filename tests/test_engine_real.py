@@ -57,6 +57,8 @@ def test_greedy_generate_equals_target_generate(name: str) -> None:
             continue
         j = next(i for i, (a, b) in enumerate(zip(seq, ref, strict=False)) if a != b)
         gap = top2_gap(target, prompt + ref[:j])
-        assert gap < NEAR_TIE, f"{name}: diverged at token {j} where the target's top-2 gap is {gap:.2e}"
+        assert gap < NEAR_TIE, (
+            f"{name}: diverged at token {j} where the target's top-2 gap is {gap:.2e}"
+        )
         near_ties += 1
     print(f"{name}: {near_ties} near-tie divergence(s) in {len(prompts)} requests")

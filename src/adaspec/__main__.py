@@ -5,7 +5,10 @@ import sys
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] != "demo":
-        print("usage: python -m adaspec demo [--pair {gemma-3-270m,smollm2-135m}] [--help]", file=sys.stderr)
+        print(
+            "usage: python -m adaspec demo [--pair {gemma-3-270m,smollm2-135m}] [--help]",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     from adaspec.demo import main as demo
 

@@ -22,7 +22,15 @@ from adaspec.engine import SLO, EngineConfig, GenerateOutput, generate
 
 def _baseline_tpot(target: Any, draft: Any, prompt: list[int], tokens: int) -> float:
     """Target-only seconds per output token at batch 1 on this machine."""
-    out = generate(target, draft, [prompt], max_new_tokens=tokens, config=EngineConfig(depth=0), stop=[], progress=False)
+    out = generate(
+        target,
+        draft,
+        [prompt],
+        max_new_tokens=tokens,
+        config=EngineConfig(depth=0),
+        stop=[],
+        progress=False,
+    )
     return out.stats.requests[0].tpot
 
 
@@ -33,7 +41,9 @@ def _table(title: str, out: GenerateOutput, classes: list[str]) -> None:
     print("|---|---|---|---|---|---|---|")
     for i, (r, cls) in enumerate(zip(s.requests, classes, strict=True)):
         slo = f"{1e3 * r.slo.tpot:.0f}" if r.slo else "-"
-        print(f"| {i} | {cls} | {slo} | {1e3 * r.tpot:.0f} | {'yes' if r.attained else 'NO'} | {r.tokens} | {r.tau:.2f} |")
+        print(
+            f"| {i} | {cls} | {slo} | {1e3 * r.tpot:.0f} | {'yes' if r.attained else 'NO'} | {r.tokens} | {r.tau:.2f} |"
+        )
     print(
         f"attainment {s.attainment:.0%}, goodput {s.goodput:.2f} tok/s, throughput {s.throughput:.2f} tok/s, "
         f"τ {s.tau:.2f}, wall {s.wall_time:.1f} s (draft {s.draft_time:.1f}, verify {s.verify_time:.1f}, "
@@ -59,17 +69,37 @@ def main(argv: list[str] | None = None) -> None:
     k = args.per_class
     coding = [chat_prompt_ids(tok, p) for p in humaneval_prompts(limit=k)]
     questions = mtbench_questions()
-    chat = [chat_prompt_ids(tok, q["turns"][0]) for q in questions if q["category"] in ("stem", "reasoning")][:k]
-    long = [chat_prompt_ids(tok, q["turns"][0]) for q in questions if q["category"] in ("writing", "roleplay")][:k]
+    chat = [
+        chat_prompt_ids(tok, q["turns"][0])
+        for q in questions
+        if q["category"] in ("stem", "reasoning")
+    ][:k]
+    long = [
+        chat_prompt_ids(tok, q["turns"][0])
+        for q in questions
+        if q["category"] in ("writing", "roleplay")
+    ][:k]
 
     base = _baseline_tpot(target, draft, chat[0], 12)
     print(f"baseline: target-only decoding takes {1e3 * base:.0f} ms per token here")
-    slos = [SLO(1.2 * base, "coding")] * k + [SLO(2.5 * base, "chat")] * k + [SLO(6.0 * base, "long")] * k
+    slos = (
+        [SLO(1.2 * base, "coding")] * k
+        + [SLO(2.5 * base, "chat")] * k
+        + [SLO(6.0 * base, "long")] * k
+    )
     prompts = coding + chat + long
     classes = [s.name for s in slos]
     progress = False if args.no_progress else None
 
-    spec = generate(target, draft, prompts, slo=slos, max_new_tokens=args.max_new_tokens, tokenizer=tok, progress=progress)
+    spec = generate(
+        target,
+        draft,
+        prompts,
+        slo=slos,
+        max_new_tokens=args.max_new_tokens,
+        tokenizer=tok,
+        progress=progress,
+    )
     _table("adaspec (SLO-customized tree speculation, auto budget)", spec, classes)
     plain = generate(
         target, draft, prompts, slo=slos, max_new_tokens=args.max_new_tokens, tokenizer=tok,

@@ -1,8 +1,8 @@
 """The speculative generation loop: a step-level :class:`Engine` and :func:`generate`."""
 
 from adaspec.engine.core import SLO, Engine, EngineConfig, RequestOutput, RequestStats, RunStats
-from adaspec.engine.generate import GenerateOutput, generate
 from adaspec.engine.latency import LatencyModel
+from adaspec.engine.loop import GenerateOutput, generate
 
 __all__ = [
     "SLO",

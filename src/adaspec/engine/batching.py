@@ -34,7 +34,9 @@ def concat_states(first: KVState | None, second: KVState) -> KVState:
     cache = DynamicCache()
     for i, (la, lb) in enumerate(zip(a, b, strict=True)):
         keys = [torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[-2])) for x in (la.keys, lb.keys)]
-        values = [torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[-2])) for x in (la.values, lb.values)]
+        values = [
+            torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[-2])) for x in (la.values, lb.values)
+        ]
         cache.update(torch.cat(keys), torch.cat(values), i)
     B = max(first.backlog.shape[1], second.backlog.shape[1])
     return KVState(

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from adaspec.acceptance import Calibrator
+from adaspec.engine.batching import append_backlog, concat_states, drop_last_token
 from adaspec.engine.latency import LatencyModel
 from adaspec.models import (
     KVState,
@@ -35,7 +36,6 @@ from adaspec.models import (
     prefill,
     tree_forward,
 )
-from adaspec.engine.batching import append_backlog, concat_states, drop_last_token
 from adaspec.select import select, tokens_needed
 from adaspec.tree import TokenTree
 from adaspec.verify import SpecStats, VerifyResult, verify
@@ -96,7 +96,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.selection not in ("slo", "throughput", "even"):
-            raise ValueError(f"EngineConfig.selection must be 'slo', 'throughput' or 'even', got {self.selection!r}")
+            raise ValueError(
+                f"EngineConfig.selection must be 'slo', 'throughput' or 'even', got {self.selection!r}"
+            )
         for name in ("depth", "max_tokens_per_step", "max_batch", "width"):
             value = getattr(self, name)
             low = 0 if name == "depth" else 1
@@ -105,9 +107,13 @@ class EngineConfig:
         if self.budget != "auto" and (
             isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1
         ):
-            raise ValueError(f"EngineConfig.budget must be an int >= 1 or 'auto', got {self.budget!r}")
+            raise ValueError(
+                f"EngineConfig.budget must be an int >= 1 or 'auto', got {self.budget!r}"
+            )
         if self.max_per_request is not None and self.max_per_request < 1:
-            raise ValueError(f"EngineConfig.max_per_request must be >= 1, got {self.max_per_request}")
+            raise ValueError(
+                f"EngineConfig.max_per_request must be >= 1, got {self.max_per_request}"
+            )
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,9 @@ class _Request:
     steps: int = 0
 
     def stats(self) -> RequestStats:
-        return RequestStats(self.id, len(self.prompt), len(self.output), self.decode_time, self.steps, self.slo)
+        return RequestStats(
+            self.id, len(self.prompt), len(self.output), self.decode_time, self.steps, self.slo
+        )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -307,18 +315,28 @@ class Engine:
         defaults to the tokenizer's eos token. ``seed`` seeds this request's sampling.
         """
         ids = self.encode(prompt)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0
+        ):
             raise ValueError(f"top_k must be an int >= 0 or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
         if slo is not None and not isinstance(slo, SLO):
             slo = SLO(float(slo))
         if stop is None:
-            eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+            eos = (
+                getattr(self.tokenizer, "eos_token_id", None)
+                if self.tokenizer is not None
+                else None
+            )
             stop_set = frozenset([eos] if isinstance(eos, int) else [])
         else:
             stop_set = frozenset(int(t) for t in stop)
@@ -346,16 +364,22 @@ class Engine:
         """Token ids of a prompt (a string needs the engine's tokenizer); validates it."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise TypeError("prompt is a string but the engine has no tokenizer; pass token ids")
+                raise TypeError(
+                    "prompt is a string but the engine has no tokenizer; pass token ids"
+                )
             ids = list(self.tokenizer(prompt)["input_ids"])
         elif isinstance(prompt, Tensor):
             if prompt.dim() != 1 or prompt.dtype.is_floating_point:
-                raise ValueError(f"prompt must be a 1-D integer tensor, got {prompt.dtype} {tuple(prompt.shape)}")
+                raise ValueError(
+                    f"prompt must be a 1-D integer tensor, got {prompt.dtype} {tuple(prompt.shape)}"
+                )
             ids = [int(t) for t in prompt.tolist()]
         elif isinstance(prompt, Sequence):
             ids = [int(t) for t in prompt]
         else:
-            raise TypeError(f"prompt must be a string, a list of token ids or a tensor, got {type(prompt).__name__}")
+            raise TypeError(
+                f"prompt must be a string, a list of token ids or a tensor, got {type(prompt).__name__}"
+            )
         if len(ids) == 0:
             raise ValueError("prompt must hold at least one token, got an empty prompt")
         if min(ids) < 0:
@@ -405,7 +429,8 @@ class Engine:
             self.stats.requests.append(self._active[i].stats())
         self._active = [self._active[i] for i in keep]
         if keep:
-            assert self._target_state is not None and self._draft_state is not None
+            assert self._target_state is not None
+            assert self._draft_state is not None
             self._target_state = self._target_state.select(keep)
             self._draft_state = self._draft_state.select(keep)
         else:
@@ -461,14 +486,16 @@ class Engine:
         for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
             state, _ = prefill(model, [[0] * 16])
             for n in (1, 4, 16, 32):
-                tree = TokenTree([0] * n, [-1] + list(range(n - 1)), [0.0] * n)
+                tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
                 t0 = time.perf_counter()
                 tree_forward(model, tree, state)
                 lat.observe(n, time.perf_counter() - t0)
                 commit(state, torch.full((1, 1), -1, dtype=torch.int64))
                 drop_last_token(state)
 
-    def _auto_budget(self, cand: TokenTree, need: Tensor, cap: int | None, draft_seconds: float) -> int:
+    def _auto_budget(
+        self, cand: TokenTree, need: Tensor, cap: int | None, draft_seconds: float
+    ) -> int:
         """The budget with the most expected emitted tokens per second, at least the SLO share."""
         R, N = cand.tokens.shape
         if not self.verify_latency.observed:  # nothing measured yet: verify everything once
@@ -509,7 +536,8 @@ class Engine:
         return self._emit(emitted, counts)
 
     def _speculative_step(self, depth: int, width: int) -> tuple[list[list[int]], list[int]]:
-        assert self._target_state is not None and self._draft_state is not None
+        assert self._target_state is not None
+        assert self._draft_state is not None
         cfg = self.config
         R = len(self._active)
         temperature, top_k, top_p, greedy = self._sampling()
@@ -554,10 +582,13 @@ class Engine:
         commit_draft(self._draft_state, dtree, map_accepted(res.accepted, sel.kept))
         if self.calibrator is not None:
             # the calibrator learns from the draft's raw estimates of the verified nodes
-            raw = cand_raw.logp.gather(1, sel.kept.clamp(min=0)).masked_fill(sel.kept < 0, float("-inf"))
+            raw = cand_raw.logp.gather(1, sel.kept.clamp(min=0)).masked_fill(
+                sel.kept < 0, float("-inf")
+            )
             t = sel.tree
             self.calibrator.observe(
-                TokenTree(t.tokens, t.parents, raw, t.depth, t.num_nodes, validate=False), res.accepted
+                TokenTree(t.tokens, t.parents, raw, t.depth, t.num_nodes, validate=False),
+                res.accepted,
             )
         self.stats.spec = self.stats.spec.update(res, sel.tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
@@ -576,11 +607,14 @@ class Engine:
 
     def _plain_step(self) -> tuple[list[list[int]], list[int]]:
         """One target forward of the roots alone; the draft catches up at its next step."""
-        assert self._target_state is not None and self._draft_state is not None
+        assert self._target_state is not None
+        assert self._draft_state is not None
         R = len(self._active)
         temperature, top_k, top_p, greedy = self._sampling()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
-        tree = TokenTree(roots.unsqueeze(1), torch.full((R, 1), -1), torch.zeros(R, 1), validate=False)
+        tree = TokenTree(
+            roots.unsqueeze(1), torch.full((R, 1), -1), torch.zeros(R, 1), validate=False
+        )
         t_start = time.perf_counter()
         logits = tree_forward(self.target, tree, self._target_state)  # [R, 1, V]
         t_verify = time.perf_counter()
@@ -608,9 +642,14 @@ class Engine:
             return verify(tree, logits)
         # each request draws from its own generator, so its result does not depend on the batch
         uniforms = torch.stack(
-            [torch.rand(tree.max_nodes, generator=r.generator, device=self.device) for r in self._active]
+            [
+                torch.rand(tree.max_nodes, generator=r.generator, device=self.device)
+                for r in self._active
+            ]
         )  # [R, N]
-        return verify(tree, logits, temperature=temperature, top_k=top_k, top_p=top_p, uniforms=uniforms)
+        return verify(
+            tree, logits, temperature=temperature, top_k=top_k, top_p=top_p, uniforms=uniforms
+        )
 
     def _emit(self, emitted: list[list[int]], counts: list[int]) -> list[RequestOutput]:
         """Hand out each request's new tokens, ending requests exactly at stop tokens or length."""
@@ -640,13 +679,20 @@ class Engine:
 
     def _needs(self, now: float, depth: int) -> Tensor:
         """(R,) tokens each request must emit this step to stay on its SLO (1 without one)."""
-        tpot = torch.tensor([r.slo.tpot if r.slo is not None else 0.0 for r in self._active], dtype=torch.float64)
+        tpot = torch.tensor(
+            [r.slo.tpot if r.slo is not None else 0.0 for r in self._active], dtype=torch.float64
+        )
         has = tpot > 0
         if not bool(has.any()):
             return torch.ones(len(self._active))
         steps = max(1, self.stats.steps)
-        predicted = (self.stats.draft_time + self.stats.verify_time + self.stats.overhead_time) / steps
-        elapsed = torch.tensor([now - (r.start if r.start is not None else now) for r in self._active], dtype=torch.float64)
+        predicted = (
+            self.stats.draft_time + self.stats.verify_time + self.stats.overhead_time
+        ) / steps
+        elapsed = torch.tensor(
+            [now - (r.start if r.start is not None else now) for r in self._active],
+            dtype=torch.float64,
+        )
         decoded = torch.tensor([len(r.output) for r in self._active], dtype=torch.float64)
         need = tokens_needed(torch.where(has, tpot, 1.0), elapsed, decoded, predicted, depth)
         return torch.where(has, need, 1.0)

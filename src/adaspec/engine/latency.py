@@ -94,4 +94,9 @@ class LatencyModel:
         return out.clamp(min=0.0)
 
     def state_dict(self) -> dict[str, object]:
-        return {"grid": list(self.grid), "decay": self.decay, "tokens": dict(self._tokens), "seconds": dict(self._seconds)}
+        return {
+            "grid": list(self.grid),
+            "decay": self.decay,
+            "tokens": dict(self._tokens),
+            "seconds": dict(self._seconds),
+        }

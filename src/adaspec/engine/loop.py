@@ -79,7 +79,9 @@ def generate(
     Returns:
         :class:`GenerateOutput`.
     """
-    prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+    prompts: list[str | Sequence[int] | Tensor] = (
+        [inputs] if isinstance(inputs, str) else list(inputs)
+    )
     if not prompts:
         raise ValueError("inputs must hold at least one prompt")
     if streamer is not None and len(prompts) != 1:
@@ -90,7 +92,11 @@ def generate(
     for prompt, s in zip(prompts, slos, strict=True):
         seed = None
         if temperature > 0:
-            seed = int(torch.randint(0, 2**62, (), generator=generator).item()) if generator is not None else None
+            seed = (
+                int(torch.randint(0, 2**62, (), generator=generator).item())
+                if generator is not None
+                else None
+            )
         ids.append(
             engine.add_request(
                 prompt, slo=s, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -107,7 +113,10 @@ def generate(
         for out in engine.step():
             outputs[out.request_id].extend(out.new_tokens)
             if bar is not None:
-                bar.update(len(out.new_tokens) + (max_new_tokens - len(outputs[out.request_id]) if out.finished else 0))
+                bar.update(
+                    len(out.new_tokens)
+                    + (max_new_tokens - len(outputs[out.request_id]) if out.finished else 0)
+                )
             if streamer is not None and out.new_tokens:
                 streamer.put(torch.tensor(out.new_tokens))
     engine.stats.wall_time = time.perf_counter() - t0
