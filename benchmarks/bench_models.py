@@ -1,0 +1,201 @@
+"""Forward costs of the real pairs on CPU, and the draft choice (int8 dynamic vs int4 weight-only).
+
+Prints two tables:
+
+1. per pair, the median time of one target (and draft) ``tree_forward`` of 1, 16, 32, 64
+   tree tokens after a 256-token prefix, the ratio to the 1-token forward, and one draft
+   beam step (a ``width``-token frontier forward) - the figures that set the token budget
+   and tree shape on CPU;
+2. per pair and draft kind, the argmax agreement a with the target along the target's own
+   greedy continuations of MT-bench and HumanEval prompts, the per-token decode cost c
+   relative to the target, and the speedup over plain decoding of a depth-k chain under
+   i.i.d. acceptance, (1 + a + ... + a^k) / (k c + v(k + 1)), v(n) the measured cost of
+   a target forward of n tokens relative to one decode step.
+
+Run: ``python benchmarks/bench_models.py`` (``--help`` for options). Timings are medians;
+nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaspec.models import (
+    KVState,
+    commit,
+    commit_draft,
+    grow_draft_tree,
+    load_pair,
+    make_draft,
+    prefill,
+    tree_forward,
+)
+from adaspec.models.prompts import chat_prompt_ids, humaneval_prompts, mtbench_questions
+from adaspec.tree import TokenTree
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def star_tree(root: int, n: int, vocab: int, gen: torch.Generator) -> TokenTree:
+    """A tree of n nodes, 4 children per node breadth first (a beam-like shape)."""
+    parents = [-1] + [(i - 1) // 4 for i in range(1, n)]
+    tokens = [root, *torch.randint(0, vocab, (n - 1,), generator=gen).tolist()]
+    return TokenTree(tokens, parents, [0.0] + [-float(i) for i in range(1, n)])
+
+
+def forward_table(name: str, sizes: list[int], prefix: int, width: int, repeats: int) -> None:
+    target, draft, _ = load_pair(name)
+    vocab = int(target.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (prefix,), generator=gen).tolist()
+    print(f"\n{name}: one forward after a {prefix}-token prefix, R = 1 (median of {repeats})")
+    print(f"{'model':>8} {'tokens':>7} {'ms':>9} {'x 1-token':>10}")
+    for label, model in (("target", target), ("draft", draft)):
+        state, _ = prefill(model, [prompt])
+        base = None
+        for n in sizes:
+            tree = star_tree(1, n, vocab, gen)
+
+            def step(
+                model: nn.Module = model, tree: TokenTree = tree, state: KVState = state
+            ) -> None:
+                tree_forward(model, tree, state)
+                commit(state, torch.full((1, 1), -1, dtype=torch.int64))  # keeps the root only
+
+            t = median_time(step, repeats)
+            base = base or t
+            print(f"{label:>8} {n:>7} {t * 1e3:>9.1f} {t / base:>10.2f}")
+    state, _ = prefill(draft, [prompt])
+    root = torch.tensor([1])
+
+    def grow(depth: int) -> None:
+        out = grow_draft_tree(draft, state, root, depth=depth, width=width)
+        commit_draft(state, out, torch.full((1, 1), -1, dtype=torch.int64))
+
+    one = median_time(lambda: grow(1), repeats)
+    four = median_time(lambda: grow(4), repeats)
+    print(
+        f"draft grow: depth 1 (root forward) {one * 1e3:.1f} ms; depth 4, width {width}: "
+        f"{four * 1e3:.1f} ms; one beam step ({width}-token frontier) "
+        f"{(four - one) / 3 * 1e3:.1f} ms"
+    )
+
+
+def greedy_continuations(target: Any, prompts: list[list[int]], new: int) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            seq = target.generate(
+                torch.tensor([p]), max_new_tokens=new, do_sample=False, pad_token_id=0
+            )
+        out.append(seq[0].tolist())
+    return out
+
+
+def chain(n: int) -> TokenTree:
+    return TokenTree([1] * n, [-1, *range(n - 1)], [-float(i) for i in range(n)])
+
+
+def decode_costs(
+    models: dict[str, tuple[nn.Module, int]], prompt: list[int], repeats: int
+) -> dict[str, float]:
+    """Median time of one forward of an n-token chain (+ commit) per (model, n), interleaved.
+
+    The entries take turns within each repetition so that load from other processes
+    affects them alike.
+    """
+    states = {label: prefill(model, [prompt])[0] for label, (model, _) in models.items()}
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for rep in range(repeats + 1):
+        for label, (model, n) in models.items():
+            start = time.perf_counter()
+            tree_forward(model, chain(n), states[label])
+            commit(states[label], torch.full((1, 1), -1, dtype=torch.int64))
+            if rep > 0:  # the first round warms up
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
+    target, int8, tok = load_pair(name)
+    int4 = make_draft(target, "int4-sim")
+    texts = [q["turns"][0] for q in mtbench_questions(n_prompts)] + humaneval_prompts(n_prompts)
+    prompts = [chat_prompt_ids(tok, t)[:200] for t in texts]
+    seqs = greedy_continuations(target, prompts, new)
+
+    def argmax_along(model: nn.Module, seq: list[int], start: int) -> torch.Tensor:
+        with torch.no_grad():
+            logits: torch.Tensor = model(input_ids=torch.tensor([seq])).logits[0]
+        return logits[start - 1 : -1].argmax(-1)
+
+    gen = torch.Generator().manual_seed(0)
+    decode_prompt = torch.randint(0, int(target.config.vocab_size), (128,), generator=gen).tolist()
+    models = {
+        "target": (target, 1),
+        "verify-3": (target, 3),
+        "verify-5": (target, 5),
+        "int8": (int8, 1),
+        "int4-sim": (int4, 1),
+    }
+    costs = decode_costs(models, decode_prompt, repeats)
+    t_target = costs["target"]
+    print(
+        f"\n{name}: draft choice over {len(seqs)} prompts x {new} greedy target tokens; "
+        f"target decode step {t_target * 1e3:.1f} ms"
+    )
+    v3, v5 = costs["verify-3"] / t_target, costs["verify-5"] / t_target
+    print(f"target forward of 3 / 5 tokens: {v3:.2f} / {v5:.2f} x one decode step")
+    print(f"{'draft':>9} {'agreement':>10} {'cost/target':>12} {'speedup k=2':>12} {'k=4':>6}")
+    for label, model in (("int8", int8), ("int4-sim", int4)):
+        agree = total = 0
+        for p, seq in zip(prompts, seqs, strict=True):
+            ref = argmax_along(target, seq, len(p))
+            got = argmax_along(model, seq, len(p))
+            agree += int((ref == got).sum())
+            total += ref.numel()
+        alpha = agree / total
+        cost = costs[label] / t_target
+        # a depth-k chain emits 1 + a + ... + a^k tokens (i.i.d. acceptance) for k draft
+        # steps and one target forward of k + 1 tokens
+        s2 = sum(alpha**i for i in range(3)) / (2 * cost + v3)
+        s4 = sum(alpha**i for i in range(5)) / (4 * cost + v5)
+        print(f"{label:>9} {alpha:>10.3f} {cost:>12.2f} {s2:>12.2f} {s4:>6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1, 16, 32, 64])
+    parser.add_argument("--prefix", type=int, default=256)
+    parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--prompts", type=int, default=4, help="MT-bench + HumanEval prompts each")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--skip-forward", action="store_true")
+    parser.add_argument("--skip-drafts", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.pairs:
+        if not args.skip_forward:
+            forward_table(name, args.sizes, args.prefix, args.width, args.repeats)
+        if not args.skip_drafts:
+            draft_table(name, args.prompts, args.new_tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The transformers adapter on tiny random models (no download): oracles are plain forwards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaspec.acceptance import TreeGrower, grow_tree
+from adaspec.models import (
+    KVState,
+    commit,
+    commit_draft,
+    grow_draft_tree,
+    map_accepted,
+    prefill,
+    tiny_model,
+    tree_forward,
+)
+from adaspec.tree import SubTree, TokenTree, build_optimal, path_to
+from tests.models_oracles import (
+    cache_layers,
+    path_tokens,
+    plain_cache,
+    plain_logits,
+    random_path,
+    random_tree,
+)
+
+VOCAB = 101
+WINDOW = 4  # gemma3's sliding window in the tiny model: prefixes below cross it
+ATOL = 1e-4  # float32 logits of size ~1-10; observed errors ~3e-6
+
+MODELS = {
+    (arch, impl): tiny_model(arch, sliding_window=WINDOW, attn_implementation=impl, seed=7)
+    for arch in ("llama", "gemma3")
+    for impl in ("sdpa", "eager")
+}
+KEYS = list(MODELS)
+IDS = [f"{a}-{i}" for a, i in KEYS]
+
+
+def prompts_of(gen: torch.Generator, lengths: list[int]) -> list[list[int]]:
+    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def pad_paths(paths: list[list[int]]) -> torch.Tensor:
+    width = max(1, *(len(p) for p in paths))
+    return torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("key", KEYS, ids=IDS)
+def test_prefill_matches_plain_forward(key: tuple[str, str]) -> None:
+    model = MODELS[key]
+    prompts = prompts_of(torch.Generator().manual_seed(0), [1, 11, 5])
+    state, logits = prefill(model, prompts)
+    assert state.lens.tolist() == [1, 11, 5]
+    assert state.pending == 0
+    for r, p in enumerate(prompts):
+        torch.testing.assert_close(logits[r], plain_logits(model, p)[-1], atol=ATOL, rtol=0)
+    # the cache equals a plain forward's, slot for slot
+    for r, p in enumerate(prompts):
+        for layer, (k, v) in zip(cache_layers(state), plain_cache(model, p), strict=True):
+            torch.testing.assert_close(layer.keys[r, :, : len(p)], k, atol=1e-5, rtol=0)
+            torch.testing.assert_close(layer.values[r, :, : len(p)], v, atol=1e-5, rtol=0)
+
+
+def test_prefill_in_pieces_equals_prefill_at_once() -> None:
+    model = MODELS[("gemma3", "sdpa")]
+    prompts = prompts_of(torch.Generator().manual_seed(5), [7, 2, 10])
+    state, _ = prefill(model, [p[:3] if len(p) > 3 else p[:1] for p in prompts])
+    state, logits = prefill(model, [p[3:] if len(p) > 3 else p[1:] for p in prompts], state)
+    whole, logits_whole = prefill(
+        model, torch.tensor([p + [0] * (10 - len(p)) for p in prompts])[:, :2]
+    )
+    assert whole.lens.tolist() == [2, 2, 2]
+    assert state.lens.tolist() == [7, 2, 10]
+    for r, p in enumerate(prompts):
+        torch.testing.assert_close(logits[r], plain_logits(model, p)[-1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            logits_whole[r], plain_logits(model, p[:2])[-1], atol=ATOL, rtol=0
+        )
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    key=st.sampled_from(KEYS),
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=4),
+    sizes=st.lists(st.integers(1, 7), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_tree_forward_matches_per_path_forward(
+    key: tuple[str, str], lengths: list[int], sizes: list[int], seed: int
+) -> None:
+    """Every node's logits == a plain forward of prefix + root->node, in a mixed batch."""
+    model = MODELS[key]
+    gen = torch.Generator().manual_seed(seed)
+    prompts = prompts_of(gen, lengths)
+    R = len(prompts)
+    if any(lengths):
+        # prefill needs a token per request: an empty prompt becomes [0]
+        prompts = [p or [0] for p in prompts]
+        state, _ = prefill(model, prompts)
+    else:  # nothing cached at all: the roots sit at position 0
+        state = KVState.empty(R)
+    tree = TokenTree.stack([random_tree(gen, n, VOCAB) for n in sizes[:R]])
+    out = tree_forward(model, tree, state)
+    assert out.shape == (R, tree.max_nodes, VOCAB)
+    assert state.pending == tree.max_nodes
+    for r in range(R):
+        for i in range(int(tree.num_nodes[r])):
+            ref = plain_logits(model, prompts[r] + path_tokens(tree, r, i))[-1]
+            torch.testing.assert_close(out[r, i], ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("key", KEYS, ids=IDS)
+def test_commit_leaves_the_cache_of_a_plain_decode(key: tuple[str, str]) -> None:
+    """Several steps of tree_forward + commit == plain decoding of the emitted tokens."""
+    model = MODELS[key]
+    gen = torch.Generator().manual_seed(1)
+    seqs = prompts_of(gen, [2, 9, 5])
+    state, _ = prefill(model, seqs)
+    for step in range(4):
+        trees = [random_tree(gen, n, VOCAB) for n in (6, 1 + step, 4)]
+        tree = TokenTree.stack(trees)
+        tree_forward(model, tree, state)
+        paths = [random_path(gen, t) for t in trees]
+        before = state.lens.clone()
+        new = commit(state, pad_paths(paths))
+        # DESIGN.md: the cache grows by the root plus the accepted nodes
+        assert new.tolist() == [int(b) + 1 + len(p) for b, p in zip(before, paths, strict=True)]
+        assert state.pending == 0
+        assert state.capacity == int(new.max())
+        for r, (t, p) in enumerate(zip(trees, paths, strict=True)):
+            seqs[r] = seqs[r] + t.tokens[0, [0, *p]].tolist()
+    for r, seq in enumerate(seqs):
+        for layer, (k, v) in zip(cache_layers(state), plain_cache(model, seq), strict=True):
+            torch.testing.assert_close(layer.keys[r, :, : len(seq)], k, atol=1e-5, rtol=0)
+            torch.testing.assert_close(layer.values[r, :, : len(seq)], v, atol=1e-5, rtol=0)
+    nxt = torch.tensor([[3], [4], [5]])
+    out = tree_forward(model, TokenTree(nxt, torch.full((3, 1), -1), torch.zeros(3, 1)), state)
+    for r, seq in enumerate(seqs):
+        torch.testing.assert_close(
+            out[r, 0], plain_logits(model, [*seq, int(nxt[r, 0])])[-1], atol=ATOL, rtol=0
+        )
+
+
+@pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])
+def test_batch_equals_each_request_alone(key: tuple[str, str]) -> None:
+    model = MODELS[key]
+    gen = torch.Generator().manual_seed(2)
+    prompts = prompts_of(gen, [3, 12, 1, 7])
+    trees = [random_tree(gen, n, VOCAB) for n in (5, 2, 7, 1)]
+    state, first = prefill(model, prompts)
+    out = tree_forward(model, TokenTree.stack(trees), state)
+    for r, (p, t) in enumerate(zip(prompts, trees, strict=True)):
+        alone, first_alone = prefill(model, [p])
+        torch.testing.assert_close(first[r], first_alone[0], atol=ATOL, rtol=0)
+        out_alone = tree_forward(model, t, alone)
+        n = t.max_nodes
+        torch.testing.assert_close(out[r, :n], out_alone[0], atol=ATOL, rtol=0)
+
+
+def plain_beam(
+    model: Any, seqs: list[list[int]], roots: torch.Tensor, depth: int, width: int
+) -> SubTree:
+    """grow_tree with logits from a plain forward of every frontier node's full path."""
+
+    def logits_fn(grower: TreeGrower) -> torch.Tensor:
+        tree = grower.tree()
+        return torch.stack(
+            [
+                torch.stack(
+                    [
+                        plain_logits(model, seqs[r] + path_tokens(tree, r, int(i)))[-1]
+                        for i in grower.frontier[r]
+                    ]
+                )
+                for r in range(len(seqs))
+            ]
+        )
+
+    return grow_tree(roots, logits_fn, depth, width)
+
+
+@pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])
+def test_draft_tree_matches_plain_beam_across_steps(key: tuple[str, str]) -> None:
+    """Draft trees == a beam over plain forwards, step after step, with backlogged leaves."""
+    model = MODELS[key]
+    gen = torch.Generator().manual_seed(3)
+    seqs = prompts_of(gen, [3, 9, 6])
+    state, logits = prefill(model, seqs)
+    roots = logits.argmax(-1)
+    backlogged = 0
+    for _step in range(2):
+        out = grow_draft_tree(model, state, roots, depth=3, width=2)
+        ref = plain_beam(model, seqs, roots, 3, 2)
+        assert torch.equal(out.candidates.tokens, ref.tree.tokens)
+        assert torch.equal(out.candidates.parents, ref.tree.parents)
+        torch.testing.assert_close(out.candidates.logp, ref.tree.logp, atol=1e-4, rtol=0)
+        cand = out.candidates
+        # the target verifies a selected subtree; map its accepted path back to candidates
+        selected = build_optimal(cand, 6)
+        # row 0: its deepest selected node (depth 3: never forwarded by the draft);
+        # row 1: nothing; row 2: a depth-1 node
+        targets = [int(selected.tree.depth[0].argmax()), 0, 1]
+        sel_paths = []
+        for r, node in enumerate(targets):
+            p = path_to(selected.tree[r], torch.tensor([node]))[0].tolist()
+            sel_paths.append([i for i in p[1:] if i >= 0])
+        accepted = map_accepted(pad_paths(sel_paths), selected.kept)
+        before = state.lens.clone()
+        commit_draft(state, out, accepted)
+        for r in range(3):
+            acc = [int(i) for i in accepted[r] if i >= 0]
+            seqs[r] = seqs[r] + [int(roots[r])] + cand.tokens[r, acc].tolist()
+            # cached now + backlog == the emitted count
+            n_backlog = int((state.backlog[r] >= 0).sum())
+            assert int(state.lens[r]) + n_backlog == int(before[r]) + 1 + len(acc)
+            backlogged += n_backlog
+        roots = torch.randint(0, VOCAB, (3,), generator=gen)
+    assert backlogged > 0  # the next step forwarded a backlogged leaf before its root
+
+
+def test_select_keeps_requests() -> None:
+    model = MODELS[("llama", "sdpa")]
+    prompts = prompts_of(torch.Generator().manual_seed(4), [3, 8, 5])
+    state, _ = prefill(model, prompts)
+    sub = state.select([2, 0])
+    assert sub.lens.tolist() == [5, 3]
+    assert sub.capacity == 5
+    out = tree_forward(model, TokenTree.stack([TokenTree([9], [-1], [0.0])] * 2), sub)
+    for r, p in enumerate([prompts[2], prompts[0]]):
+        torch.testing.assert_close(out[r, 0], plain_logits(model, [*p, 9])[-1], atol=ATOL, rtol=0)
+
+
+def test_bad_input_is_rejected() -> None:
+    model = MODELS[("llama", "sdpa")]
+    state, _ = prefill(model, [[1, 2], [3]])
+    one = TokenTree([5], [-1], [0.0])
+    with pytest.raises(ValueError, match="requests"):
+        tree_forward(model, one, state)
+    with pytest.raises(ValueError, match="no pending tree"):
+        commit(state, torch.tensor([[-1], [-1]]))
+    tree = TokenTree.stack([TokenTree([5, 6], [-1, 0], [0.0, -1.0])] * 2)
+    tree_forward(model, tree, state)
+    with pytest.raises(ValueError, match="uncommitted"):
+        tree_forward(model, tree, state)
+    with pytest.raises(ValueError, match=r"\[1, 2\)"):
+        commit(state, torch.tensor([[2], [-1]]))
+    with pytest.raises(ValueError, match="right"):
+        commit(state, torch.tensor([[-1, 1], [-1, -1]]))
+    with pytest.raises(ValueError, match="shape"):
+        commit(state, torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="at least one token"):
+        prefill(model, [[1], []])
+    with pytest.raises(TypeError, match="KVState"):
+        tree_forward(model, tree, "cache")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="arch"):
+        tiny_model("gpt2")
+    with pytest.raises(ValueError, match="num_requests"):
+        KVState.empty(0)
+    long, _ = prefill(model, [[1] * 1020])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        tree_forward(
+            model, TokenTree([1, 2, 3, 4, 5], [-1, 0, 1, 2, 3], [0.0, -1, -2, -3, -4]), long
+        )
+
+
+def test_importing_adaspec_does_not_import_transformers() -> None:
+    import os
+
+    import adaspec
+
+    src = os.path.dirname(os.path.dirname(adaspec.__file__))
+    env = {**os.environ, "PYTHONPATH": src}
+    code = "import sys, adaspec, adaspec.tree, adaspec.acceptance; "
+    code += "print('transformers' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "False"
