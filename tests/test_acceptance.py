@@ -34,6 +34,8 @@ def reference_probs(
         out = np.zeros(V)
         out[int(np.argmax(x))] = 1.0
         return out
+    # the order of near-equal logits follows float32 (x - max) / T, as process_logits computes it
+    key = (x.astype(np.float32) - np.float32(x.max())) / np.float32(temperature)
     x = x / temperature
     keep = np.ones(V, dtype=bool)
     if top_k:
@@ -42,7 +44,7 @@ def reference_probs(
     p = np.where(keep, np.exp(x - x[keep].max()), 0.0)
     p /= p.sum()
     if top_p is not None and top_p < 1:
-        order = sorted(range(V), key=lambda i: (-x[i], i))  # by logit, ties by token id
+        order = sorted(range(V), key=lambda i: (-key[i], i))  # by logit, ties by token id
         mass, chosen = 0.0, []
         for i in order:
             chosen.append(i)
