@@ -6,10 +6,11 @@ Prints two tables:
    tree tokens after a 256-token prefix, the ratio to the 1-token forward, and one draft
    beam step (a ``width``-token frontier forward) - the figures that set the token budget
    and tree shape on CPU;
-2. per pair and draft kind, the argmax agreement with the target along the target's own
-   greedy continuations of MT-bench and HumanEval prompts, the per-token decode cost
-   relative to the target, and the emitted tokens per unit of target time of a depth-4
-   chain under the i.i.d. approximation (higher is better).
+2. per pair and draft kind, the argmax agreement a with the target along the target's own
+   greedy continuations of MT-bench and HumanEval prompts, the per-token decode cost c
+   relative to the target, and the speedup over plain decoding of a depth-k chain under
+   i.i.d. acceptance, (1 + a + ... + a^k) / (k c + v(k + 1)), v(n) the measured cost of
+   a target forward of n tokens relative to one decode step.
 
 Run: ``python benchmarks/bench_models.py`` (``--help`` for options). Timings are medians;
 nothing is asserted.
@@ -106,19 +107,24 @@ def greedy_continuations(target: Any, prompts: list[list[int]], new: int) -> lis
     return out
 
 
-def decode_costs(models: dict[str, nn.Module], prompt: list[int], repeats: int) -> dict[str, float]:
-    """Median time of one decode step (a 1-node tree + commit) per model, interleaved.
+def chain(n: int) -> TokenTree:
+    return TokenTree([1] * n, [-1, *range(n - 1)], [-float(i) for i in range(n)])
 
-    The models take turns within each repetition so that load from other processes
+
+def decode_costs(
+    models: dict[str, tuple[nn.Module, int]], prompt: list[int], repeats: int
+) -> dict[str, float]:
+    """Median time of one forward of an n-token chain (+ commit) per (model, n), interleaved.
+
+    The entries take turns within each repetition so that load from other processes
     affects them alike.
     """
-    states = {label: prefill(model, [prompt])[0] for label, model in models.items()}
-    tree = TokenTree([1], [-1], [0.0])
+    states = {label: prefill(model, [prompt])[0] for label, (model, _) in models.items()}
     times: dict[str, list[float]] = {label: [] for label in models}
     for rep in range(repeats + 1):
-        for label, model in models.items():
+        for label, (model, n) in models.items():
             start = time.perf_counter()
-            tree_forward(model, tree, states[label])
+            tree_forward(model, chain(n), states[label])
             commit(states[label], torch.full((1, 1), -1, dtype=torch.int64))
             if rep > 0:  # the first round warms up
                 times[label].append(time.perf_counter() - start)
@@ -139,14 +145,22 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
 
     gen = torch.Generator().manual_seed(0)
     decode_prompt = torch.randint(0, int(target.config.vocab_size), (128,), generator=gen).tolist()
-    models = {"target": target, "int8": int8, "int4-sim": int4}
+    models = {
+        "target": (target, 1),
+        "verify-3": (target, 3),
+        "verify-5": (target, 5),
+        "int8": (int8, 1),
+        "int4-sim": (int4, 1),
+    }
     costs = decode_costs(models, decode_prompt, repeats)
     t_target = costs["target"]
     print(
         f"\n{name}: draft choice over {len(seqs)} prompts x {new} greedy target tokens; "
         f"target decode step {t_target * 1e3:.1f} ms"
     )
-    print(f"{'draft':>9} {'agreement':>10} {'cost/target':>12} {'tokens/target-time (k=4)':>25}")
+    v3, v5 = costs["verify-3"] / t_target, costs["verify-5"] / t_target
+    print(f"target forward of 3 / 5 tokens: {v3:.2f} / {v5:.2f} x one decode step")
+    print(f"{'draft':>9} {'agreement':>10} {'cost/target':>12} {'speedup k=2':>12} {'k=4':>6}")
     for label, model in (("int8", int8), ("int4-sim", int4)):
         agree = total = 0
         for p, seq in zip(prompts, seqs, strict=True):
@@ -156,9 +170,11 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
             total += ref.numel()
         alpha = agree / total
         cost = costs[label] / t_target
-        k = 4
-        emitted = sum(alpha**i for i in range(k + 1))  # E[accepted] + 1 under i.i.d. acceptance
-        print(f"{label:>9} {alpha:>10.3f} {cost:>12.2f} {emitted / (1 + k * cost):>25.2f}")
+        # a depth-k chain emits 1 + a + ... + a^k tokens (i.i.d. acceptance) for k draft
+        # steps and one target forward of k + 1 tokens
+        s2 = sum(alpha**i for i in range(3)) / (2 * cost + v3)
+        s4 = sum(alpha**i for i in range(5)) / (4 * cost + v5)
+        print(f"{label:>9} {alpha:>10.3f} {cost:>12.2f} {s2:>12.2f} {s4:>6.2f}")
 
 
 def main() -> None:

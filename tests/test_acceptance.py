@@ -34,6 +34,8 @@ def reference_probs(
         out = np.zeros(V)
         out[int(np.argmax(x))] = 1.0
         return out
+    # the order of near-equal logits follows float32 (x - max) / T, as process_logits computes it
+    key = (x.astype(np.float32) - np.float32(x.max())) / np.float32(temperature)
     x = x / temperature
     keep = np.ones(V, dtype=bool)
     if top_k:
@@ -42,7 +44,7 @@ def reference_probs(
     p = np.where(keep, np.exp(x - x[keep].max()), 0.0)
     p /= p.sum()
     if top_p is not None and top_p < 1:
-        order = sorted(range(V), key=lambda i: (-x[i], i))  # by logit, ties by token id
+        order = sorted(range(V), key=lambda i: (-key[i], i))  # by logit, ties by token id
         mass, chosen = 0.0, []
         for i in order:
             chosen.append(i)
@@ -308,3 +310,35 @@ def test_uncalibrated_estimate_is_close_to_identity():
     assert cal.edge_probs(torch.ones(3, dtype=torch.int64), q).tolist() == pytest.approx(
         q.tolist(), abs=1e-6
     )
+
+
+def test_calibrator_handles_zero_probability_nodes():
+    inf = float("-inf")
+    tree = TokenTree([1, 2, 3, 4], [-1, 0, 1, 0], [0.0, inf, inf, -0.5])
+    cal = Calibrator()
+    cal.observe(tree, torch.tensor([[3]]))
+    out = cal.apply(tree)
+    assert out.logp[0, 1] == inf
+    assert out.logp[0, 2] == inf
+    assert torch.isfinite(out.logp[0, 3])
+    grower = TreeGrower(torch.tensor([0]), width=3, top_k=1, temperature=1.0)
+    for _ in range(2):
+        grower.expand(torch.randn(1, grower.frontier.shape[1], 5))
+    grown = cal.apply(grower.tree())  # the grower keeps f = 0 nodes on purpose
+    assert not torch.isnan(grown.logp).any()
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, float("inf"), 1e30])
+def test_extreme_temperatures_stay_finite(temperature):
+    x = torch.tensor([[1.0, 2.0, 100.0], [0.0, float("-inf"), 3.0]])
+    p = probs_from_logits(x, temperature)
+    assert torch.isfinite(p).all()
+    assert torch.allclose(p.sum(-1), torch.ones(2))
+    if temperature < 1:
+        assert p.argmax(-1).tolist() == [2, 2]
+    assert p[1, 1] == 0
+
+
+def test_bool_top_k_is_rejected():
+    with pytest.raises(ValueError, match="top_k"):
+        process_logits(torch.zeros(1, 4), top_k=torch.tensor([True]))

@@ -93,3 +93,9 @@ def test_bad_inputs() -> None:
         compact_kv(k, k.clone(), lens, torch.tensor([[5], [-1]]))
     with pytest.raises(ValueError, match="padded on the right"):
         compact_kv(k, k.clone(), lens, torch.tensor([[-1, 2], [-1, -1]]))
+
+
+def test_accepted_out_of_path_order_is_rejected():
+    k = torch.zeros(1, 1, 8, 2)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        compact_kv(k, k.clone(), torch.tensor([1]), torch.tensor([[3, 1]]))

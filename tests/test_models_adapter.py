@@ -23,7 +23,7 @@ from adaspec.models import (
     tree_forward,
 )
 from adaspec.tree import SubTree, TokenTree, build_optimal, path_to
-from models_oracles import (
+from tests.models_oracles import (
     cache_layers,
     path_tokens,
     plain_cache,
@@ -68,6 +68,23 @@ def test_prefill_matches_plain_forward(key: tuple[str, str]) -> None:
         for layer, (k, v) in zip(cache_layers(state), plain_cache(model, p), strict=True):
             torch.testing.assert_close(layer.keys[r, :, : len(p)], k, atol=1e-5, rtol=0)
             torch.testing.assert_close(layer.values[r, :, : len(p)], v, atol=1e-5, rtol=0)
+
+
+def test_prefill_in_pieces_equals_prefill_at_once() -> None:
+    model = MODELS[("gemma3", "sdpa")]
+    prompts = prompts_of(torch.Generator().manual_seed(5), [7, 2, 10])
+    state, _ = prefill(model, [p[:3] if len(p) > 3 else p[:1] for p in prompts])
+    state, logits = prefill(model, [p[3:] if len(p) > 3 else p[1:] for p in prompts], state)
+    whole, logits_whole = prefill(
+        model, torch.tensor([p + [0] * (10 - len(p)) for p in prompts])[:, :2]
+    )
+    assert whole.lens.tolist() == [2, 2, 2]
+    assert state.lens.tolist() == [7, 2, 10]
+    for r, p in enumerate(prompts):
+        torch.testing.assert_close(logits[r], plain_logits(model, p)[-1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            logits_whole[r], plain_logits(model, p[:2])[-1], atol=ATOL, rtol=0
+        )
 
 
 @settings(max_examples=12, deadline=None)

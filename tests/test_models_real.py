@@ -27,7 +27,8 @@ from adaspec.models import (
 from adaspec.models import loading as loading_module
 from adaspec.models.prompts import chat_prompt_ids, humaneval_prompts, mtbench_questions
 from adaspec.tree import TokenTree, is_leaf, path_to
-from models_oracles import (
+from tests.conftest import loaded_pair
+from tests.models_oracles import (
     cache_layers,
     path_tokens,
     plain_cache,
@@ -47,7 +48,7 @@ _LOADED: dict[str, Pair] = {}
 def pair(request: pytest.FixtureRequest) -> Pair:
     name = request.param
     if name not in _LOADED:
-        _LOADED[name] = (name, *load_pair(name))
+        _LOADED[name] = (name, *loaded_pair(name))  # shared with the other real-model tests
     return _LOADED[name]
 
 

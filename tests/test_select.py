@@ -132,6 +132,10 @@ def test_select_validation():
         select(cand, 3.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="need must be a scalar or shape"):
         select(cand, 3, need=torch.ones(2))
+    with pytest.raises(ValueError, match="need must be finite"):
+        select(cand, 3, need=-1.0)
+    with pytest.raises(ValueError, match="need must be finite"):
+        select(cand, 3, need=float("inf"))
     with pytest.raises(ValueError, match="max_per_request"):
         select(cand, 3, max_per_request=0)
 

