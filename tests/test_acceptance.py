@@ -39,8 +39,8 @@ def reference_probs(
     x = x / temperature
     keep = np.ones(V, dtype=bool)
     if top_k:
-        kth = np.sort(x)[::-1][min(top_k, V) - 1]
-        keep &= x >= kth
+        kth = np.sort(key)[::-1][min(top_k, V) - 1]
+        keep &= key >= kth
     p = np.where(keep, np.exp(x - x[keep].max()), 0.0)
     p /= p.sum()
     if top_p is not None and top_p < 1:
