@@ -34,8 +34,10 @@ def reference_probs(
         out = np.zeros(V)
         out[int(np.argmax(x))] = 1.0
         return out
-    # the order of near-equal logits follows float32 (x - max) / T, as process_logits computes it
-    key = (x.astype(np.float32) - np.float32(x.max())) / np.float32(temperature)
+    # near-equal logits are ordered as process_logits computes them: float32 (x - max) / T,
+    # and the raw float32 logits when T = 1 (no division)
+    x32 = x.astype(np.float32)
+    key = x32 if temperature == 1 else (x32 - np.float32(x.max())) / np.float32(temperature)
     x = x / temperature
     keep = np.ones(V, dtype=bool)
     if top_k:
