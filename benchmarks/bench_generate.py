@@ -135,9 +135,9 @@ def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[st
         ref, t_ref, _ = hf_generate(target, p, n, pad, eos)
         out = ours(target, draft, p, n, eos)
         base, mine = tokens(ref) / t_ref, tokens(out.sequences) / out.stats.wall_time
-        sum(a == r for a, r in zip(out.sequences, ref, strict=True))
+        n_same = sum(a == r for a, r in zip(out.sequences, ref, strict=True))
         print(
-            f"| {b} | {base:.2f} | {mine:.2f} | {mine / base:.2f}x | {out.stats.tau:.2f} | {same}/{b} |"
+            f"| {b} | {base:.2f} | {mine:.2f} | {mine / base:.2f}x | {out.stats.tau:.2f} | {n_same}/{b} |"
         )
         rows["batch"].append({"pair": name, "batch": b, "target": base, "adaspec": mine})
 

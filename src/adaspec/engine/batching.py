@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import DynamicCache
 
 from adaspec.models import KVState
-from adaspec.models.adapter import _crop, _layers
+from adaspec.models.adapter import _crop, _extend, _layers
 
-__all__ = ["append_backlog", "concat_states", "drop_last_token"]
+__all__ = ["append_backlog", "catch_up", "concat_states", "deferred_state", "drop_last_token"]
 
 
 def _pad_right(x: Tensor, width: int, value: int) -> Tensor:
@@ -21,6 +23,7 @@ def concat_states(first: KVState | None, second: KVState) -> KVState:
 
     Both must be between steps (nothing pending). Their caches are padded to the longer
     one along the slot axis; padded slots lie past each request's length and stay hidden.
+    A state that never ran a forward (no cached layers yet) joins with empty layers.
     """
     if first is None:
         return second
@@ -28,14 +31,26 @@ def concat_states(first: KVState | None, second: KVState) -> KVState:
         if s.pending != 0:
             raise ValueError(f"{name} holds an uncommitted tree; commit it before joining states")
     a, b = _layers(first), _layers(second)
-    if len(a) != len(b):
+    if a and b and len(a) != len(b):
         raise ValueError(f"states of different models: {len(a)} and {len(b)} cached layers")
     S = max(first.capacity, second.capacity)
+
+    def slots(layers: list[Any], like: Any, n: int, i: int, name: str) -> Tensor:
+        if layers:
+            x: Tensor = getattr(layers[i], name)
+            return torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[-2]))
+        y: Tensor = getattr(like, name)
+        return y.new_zeros(n, y.shape[1], S, y.shape[3])
+
     cache = DynamicCache()
-    for i, (la, lb) in enumerate(zip(a, b, strict=True)):
-        keys = [torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[-2])) for x in (la.keys, lb.keys)]
+    for i, like in enumerate(a or b):
+        keys = [
+            slots(a, like, first.num_requests, i, "keys"),
+            slots(b, like, second.num_requests, i, "keys"),
+        ]
         values = [
-            torch.nn.functional.pad(x, (0, 0, 0, S - x.shape[-2])) for x in (la.values, lb.values)
+            slots(a, like, first.num_requests, i, "values"),
+            slots(b, like, second.num_requests, i, "values"),
         ]
         cache.update(torch.cat(keys), torch.cat(values), i)
     B = max(first.backlog.shape[1], second.backlog.shape[1])
@@ -46,6 +61,21 @@ def concat_states(first: KVState | None, second: KVState) -> KVState:
         torch.cat([first.pending_pos, second.pending_pos]),
         torch.cat([_pad_right(first.backlog, B, -1), _pad_right(second.backlog, B, -1)]),
     )
+
+
+def deferred_state(prompts: list[list[int]], device: torch.device) -> KVState:
+    """A state that has cached nothing yet: each prompt but its last token waits in the backlog.
+
+    A model forwards its backlog only when it is next used (the draft, when it next drafts),
+    so requests that are never speculated on never pay for a draft prefill.
+    """
+    width = max(len(p) - 1 for p in prompts)
+    backlog = torch.full((len(prompts), width), -1, dtype=torch.int64, device=device)
+    for r, p in enumerate(prompts):
+        backlog[r, : len(p) - 1] = torch.tensor(p[:-1], dtype=torch.int64)
+    state = KVState.empty(len(prompts), device)
+    state.backlog = backlog
+    return state
 
 
 def drop_last_token(state: KVState) -> None:
@@ -71,3 +101,12 @@ def append_backlog(state: KVState, tokens: Tensor) -> None:
     backlog = _pad_right(state.backlog, state.backlog.shape[1] + 1, -1)
     backlog.scatter_(1, count.unsqueeze(1), tokens.to(backlog.device, torch.int64).unsqueeze(1))
     state.backlog = backlog
+
+
+def catch_up(model: nn.Module, state: KVState) -> None:
+    """Forward every request's backlog into its cache now (one batched chain forward)."""
+    if state.backlog.shape[1] == 0 or not bool((state.backlog >= 0).any()):
+        return
+    counts = (state.backlog >= 0).sum(1)  # [R] some rows may have nothing to forward
+    _extend(model, state, state.backlog.clamp(min=0), counts, keep_last=False)
+    state.backlog = state.backlog[:, :0]

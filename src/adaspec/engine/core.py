@@ -25,7 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from adaspec.acceptance import Calibrator
-from adaspec.engine.batching import append_backlog, concat_states, drop_last_token
+from adaspec.engine.batching import (
+    append_backlog,
+    catch_up,
+    concat_states,
+    deferred_state,
+    drop_last_token,
+)
 from adaspec.engine.latency import LatencyModel
 from adaspec.models import (
     KVState,
@@ -42,8 +48,13 @@ from adaspec.verify import SpecStats, VerifyResult, verify
 
 __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
 
-# with the auto budget, a run of plain steps re-probes full-depth speculation this often
+# with the auto budget, a run of plain steps re-probes full-depth speculation after this
+# many plain steps; each probe that does not pay doubles the interval, up to _PROBE_MAX
 _PROBE_EVERY = 8
+_PROBE_MAX = 128
+# before any verification, the plan assumes each beam level keeps the accepted path alive
+# with this probability (top-1 agreement of the shipped int8 drafts: 0.49-0.69)
+_PRIOR_REACH = 0.6
 
 
 @dataclass(frozen=True)
@@ -293,6 +304,7 @@ class Engine:
         self._reach_trials = torch.zeros(max(1, self.config.depth), dtype=torch.float64)
         self._reach_hits = torch.zeros(max(1, self.config.depth), dtype=torch.float64)
         self._plain_streak = 0  # plain steps since the last speculative one
+        self._probe_every = _PROBE_EVERY
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -412,14 +424,13 @@ class Engine:
             return
         t0 = time.perf_counter()
         # the whole prompt is prefilled, then its last token is taken back out of the cache:
-        # it is the root of the first tree, forwarded with that tree
-        states = []
-        for model in (self.target, self.draft):
-            state, _ = prefill(model, [r.prompt for r in new])
-            drop_last_token(state)
-            states.append(state)
-        self._target_state = concat_states(self._target_state, states[0])
-        self._draft_state = concat_states(self._draft_state, states[1])
+        # it is the root of the first tree, forwarded with that tree. The draft catches up
+        # only when it first drafts for these requests.
+        prompts = [r.prompt for r in new]
+        state, _ = prefill(self.target, prompts)
+        drop_last_token(state)
+        self._target_state = concat_states(self._target_state, state)
+        self._draft_state = concat_states(self._draft_state, deferred_state(prompts, self.device))
         self._active.extend(new)
         self.stats.prefill_time += time.perf_counter() - t0
 
@@ -466,20 +477,35 @@ class Engine:
         With the auto budget, each candidate depth d is scored from measurements: the draft
         costs d levels of the draft latency model, verification the target latency model at
         about R (d + 1) tokens, and a request emits 1 + Σ_{k<=d} P(accepted path reaches k),
-        estimated from past verifications. Per-request time per token follows the same ratio,
+        estimated from past verifications (before any, from a prior of 0.6 per level).
+        Per-request time per token follows the same ratio,
         so this choice also serves the SLOs best. Every few plain steps the full depth is
         probed again so the estimates stay current.
         """
-        if self.config.budget != "auto" or depth == 0 or self._reach_trials[0] == 0:
-            return depth
-        if self._plain_streak >= _PROBE_EVERY:
+        if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth
         level = float(self.draft_latency.predict(R * width))
-        reach = (self._reach_hits[:depth] + 0.5) / (self._reach_trials[:depth] + 1.0)  # [depth]
-        gain = torch.cat([torch.zeros(1, dtype=torch.float64), reach.cumsum(0)])  # [depth + 1]
+        # one pseudo-observation of a prior in which each level is reached with _PRIOR_REACH
+        prior = _PRIOR_REACH ** torch.arange(1, depth + 1, dtype=torch.float64)
+        reach = (self._reach_hits[:depth] + prior) / (self._reach_trials[:depth] + 1.0)  # [depth]
         d = torch.arange(depth + 1, dtype=torch.float64)
-        seconds = d * level + self.verify_latency.predict(R * (d + 1))
-        return int(((1 + gain) / seconds).argmax())
+        seconds = d * level + self.verify_latency.predict(R * (d + 1))  # [depth + 1]
+
+        def best_depth(reach: Tensor) -> int:
+            gain = torch.cat([torch.zeros(1, dtype=torch.float64), reach.cumsum(0)])
+            return int(((1 + gain) / seconds).argmax())
+
+        best = best_depth(reach)
+        if best > 0:
+            self._probe_every = _PROBE_EVERY
+            return best
+        if self._plain_streak == 0 and self.stats.steps > 0:
+            # the last step speculated and no longer pays: probe half as often from now on
+            self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
+        # re-probe now and then, but only where a draft as good as the prior could pay
+        if self._plain_streak >= self._probe_every and best_depth(torch.maximum(reach, prior)) > 0:
+            return depth
+        return 0
 
     def _warmup(self) -> None:
         """Seed both latency models with a few timed forwards on a short dummy prefix."""
@@ -506,9 +532,12 @@ class Engine:
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(N).expand(R, N))
             f = torch.where(rank < cap, f, 0.0)
         f_sorted = f.sort(dim=1, descending=True).values  # [R, N] the root (f = 1) first
-        # nodes the SLO needs take: per request the shortest best-first prefix reaching need
-        want = ((f_sorted.cumsum(1) < need.unsqueeze(1)).sum(1) + 1).clamp(max=cand.num_nodes)
-        floor = int(want.sum())
+        # nodes the SLO needs take: per request the shortest best-first prefix reaching its
+        # need; a need its whole tree cannot reach is not a floor (no budget would meet it)
+        cum = f_sorted.cumsum(1)  # [R, N]
+        want = ((cum < need.unsqueeze(1)).sum(1) + 1).clamp(max=cand.num_nodes)
+        reachable = cum[:, -1] >= need
+        floor = int(torch.where(reachable, want, 1).sum())
         rest = f_sorted[:, 1:].flatten().sort(descending=True).values  # [R * (N - 1)]
         upper = min(int(cand.num_nodes.sum()), max(self.config.max_tokens_per_step, floor))
         budgets = torch.arange(R, upper + 1)
@@ -543,14 +572,17 @@ class Engine:
         temperature, top_k, top_p, greedy = self._sampling()
         t_start = time.perf_counter()
 
-        # 1. draft: candidate trees from a beam over the draft model
+        # 1. draft: catch up on tokens it has not seen (prompts, plain steps), then candidate
+        # trees from a beam over the draft model
+        catch_up(self.draft, self._draft_state)
+        t_beam = time.perf_counter()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
         dtree = grow_draft_tree(
             self.draft, self._draft_state, roots, depth, width,
             temperature=temperature, top_k=top_k, top_p=top_p,
         )  # fmt: skip
         t_draft = time.perf_counter()
-        self.draft_latency.observe(R * width, (t_draft - t_start) / depth)  # per level
+        self.draft_latency.observe(R * width, (t_draft - t_beam) / depth)  # per level
 
         # 2. needs from the SLO clocks, the budget, and the selection
         cand_raw = dtree.candidates
@@ -596,7 +628,9 @@ class Engine:
 
         reached = res.num_accepted.cpu()
         levels = torch.arange(1, depth + 1)
-        self._reach_trials[:depth] += R
+        # a level counts as tried only for requests whose selected tree reaches it
+        tried = sel.tree.depth.max(1).values.cpu()  # [R]
+        self._reach_trials[:depth] += (tried.unsqueeze(1) >= levels).sum(0).double()
         self._reach_hits[:depth] += (reached.unsqueeze(1) >= levels).sum(0).double()
         self._plain_streak = 0
         self.stats.target_tokens += n_tokens
