@@ -176,6 +176,18 @@ def _estimate_temperature(temperature: Param) -> Param:
     return 1.0 if temperature == 0 else temperature
 
 
+def _check_frontier(frontier_logp: Tensor, draft_logits: Tensor) -> None:
+    if (
+        frontier_logp.dim() != 2
+        or draft_logits.dim() != 3
+        or draft_logits.shape[:2] != frontier_logp.shape
+    ):
+        raise ValueError(
+            f"draft_logits must have shape (R, F, V) matching frontier_logp (R, F); got "
+            f"{tuple(draft_logits.shape)} and {tuple(frontier_logp.shape)}"
+        )
+
+
 def extension_logprobs(
     frontier_logp: Tensor,
     draft_logits: Tensor,
@@ -194,15 +206,7 @@ def extension_logprobs(
     Returns:
         (R, F, V) float32: ``frontier_logp[r, i] + log q(v | node i)``.
     """
-    if (
-        frontier_logp.dim() != 2
-        or draft_logits.dim() != 3
-        or draft_logits.shape[:2] != frontier_logp.shape
-    ):
-        raise ValueError(
-            f"draft_logits must have shape (R, F, V) matching frontier_logp (R, F); got "
-            f"{tuple(draft_logits.shape)} and {tuple(frontier_logp.shape)}"
-        )
+    _check_frontier(frontier_logp, draft_logits)
     logq = logprobs_from_logits(draft_logits, _estimate_temperature(temperature), top_k, top_p)
     return frontier_logp.float().unsqueeze(-1) + logq  # [R, F, V]
 
@@ -236,15 +240,7 @@ def expand(
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an int >= 1, got {width!r}")
-    if (
-        frontier_logp.dim() != 2
-        or draft_logits.dim() != 3
-        or draft_logits.shape[:2] != frontier_logp.shape
-    ):
-        raise ValueError(
-            f"draft_logits must have shape (R, F, V) matching frontier_logp (R, F); got "
-            f"{tuple(draft_logits.shape)} and {tuple(frontier_logp.shape)}"
-        )
+    _check_frontier(frontier_logp, draft_logits)
     x = process_logits(draft_logits, _estimate_temperature(temperature), top_k, top_p)  # [R, F, V]
     R, F, V = x.shape
     w = min(width, V)
