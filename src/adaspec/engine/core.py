@@ -305,6 +305,7 @@ class Engine:
         self._reach_hits = torch.zeros(max(1, self.config.depth), dtype=torch.float64)
         self._plain_streak = 0  # plain steps since the last speculative one
         self._probe_every = _PROBE_EVERY
+        self._spec_rate: float | None = None  # emitted tokens / s of recent speculative steps
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -496,7 +497,10 @@ class Engine:
             return int(((1 + gain) / seconds).argmax())
 
         best = best_depth(reach)
-        if best > 0:
+        # the model's verdict is checked against what speculative steps really delivered:
+        # if their measured tokens per second fell below plain decoding's, decode plainly
+        plain_rate = R / float(seconds[0])
+        if best > 0 and (self._spec_rate is None or self._spec_rate >= plain_rate):
             self._probe_every = _PROBE_EVERY
             return best
         if self._plain_streak == 0 and self.stats.steps > 0:
@@ -625,6 +629,8 @@ class Engine:
         self.stats.spec = self.stats.spec.update(res, sel.tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
+        rate = sum(counts) / (t_end - t_beam)  # the catch-up is a one-off, not a step cost
+        self._spec_rate = rate if self._spec_rate is None else 0.5 * (self._spec_rate + rate)
 
         reached = res.num_accepted.cpu()
         levels = torch.arange(1, depth + 1)
