@@ -18,6 +18,10 @@ MODULES = [
     "adaspec.kernels.masks",
     "adaspec.kernels.compaction",
     "adaspec.kernels.attention",
+    "adaspec.models.adapter",
+    "adaspec.models.draft",
+    "adaspec.models.head",
+    "adaspec.models.tiny",
 ]
 
 
