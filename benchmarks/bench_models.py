@@ -1,6 +1,6 @@
-"""Forward costs of the real pairs on CPU, and the draft choice (int8 dynamic vs int4 weight-only).
+"""Forward costs of the real pairs on CPU, the draft choice, and the linear-layer kernels.
 
-Prints two tables:
+Prints three tables:
 
 1. per pair, the median time of one target (and draft) ``tree_forward`` of 1, 16, 32, 64
    tree tokens after a 256-token prefix, the ratio to the 1-token forward, and one draft
@@ -10,7 +10,9 @@ Prints two tables:
    greedy continuations of MT-bench and HumanEval prompts, the per-token decode cost c
    relative to the target, and the speedup over plain decoding of a depth-k chain under
    i.i.d. acceptance, (1 + a + ... + a^k) / (k c + v(k + 1)), v(n) the measured cost of
-   a target forward of n tokens relative to one decode step.
+   a target forward of n tokens relative to one decode step;
+3. (``--linear`` alone) F.linear against each way of :class:`adaspec.models.fast.FastLinear`
+   for the layer shapes of the shipped pairs, by row count.
 
 Run: ``python benchmarks/bench_models.py`` (``--help`` for options). Timings are medians;
 nothing is asserted.
@@ -19,6 +21,7 @@ nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -132,8 +135,18 @@ def decode_costs(
 
 
 def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
-    target, int8, tok = load_pair(name)
-    int4 = make_draft(target, "int4-sim")
+    pair = load_pair(name)  # target optimized for CPU, the default draft
+    target: Any = pair.target
+    tok = pair.tokenizer
+    drafts: dict[str, nn.Module] = {
+        "int8": make_draft(target, "int8"),
+        "int4-sim": make_draft(target, "int4-sim"),
+        "bf16": make_draft(target, "bf16"),
+    }
+    draft: Any = pair.draft
+    sub = getattr(draft.get_output_embeddings(), "tokens", None)
+    if sub is not None:  # the pair's default: bf16 with a frequent-token vocabulary
+        drafts[f"bf16+{sub.numel() // 1024}k"] = pair.draft
     texts = [q["turns"][0] for q in mtbench_questions(n_prompts)] + humaneval_prompts(n_prompts)
     prompts = [chat_prompt_ids(tok, t)[:200] for t in texts]
     seqs = greedy_continuations(target, prompts, new)
@@ -149,8 +162,7 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
         "target": (target, 1),
         "verify-3": (target, 3),
         "verify-5": (target, 5),
-        "int8": (int8, 1),
-        "int4-sim": (int4, 1),
+        **{label: (model, 1) for label, model in drafts.items()},
     }
     costs = decode_costs(models, decode_prompt, repeats)
     t_target = costs["target"]
@@ -160,8 +172,8 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
     )
     v3, v5 = costs["verify-3"] / t_target, costs["verify-5"] / t_target
     print(f"target forward of 3 / 5 tokens: {v3:.2f} / {v5:.2f} x one decode step")
-    print(f"{'draft':>9} {'agreement':>10} {'cost/target':>12} {'speedup k=2':>12} {'k=4':>6}")
-    for label, model in (("int8", int8), ("int4-sim", int4)):
+    print(f"{'draft':>10} {'agreement':>10} {'cost/target':>12} {'speedup k=2':>12} {'k=4':>6}")
+    for label, model in drafts.items():
         agree = total = 0
         for p, seq in zip(prompts, seqs, strict=True):
             ref = argmax_along(target, seq, len(p))
@@ -174,7 +186,32 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
         # steps and one target forward of k + 1 tokens
         s2 = sum(alpha**i for i in range(3)) / (2 * cost + v3)
         s4 = sum(alpha**i for i in range(5)) / (4 * cost + v5)
-        print(f"{label:>9} {alpha:>10.3f} {cost:>12.2f} {s2:>12.2f} {s4:>6.2f}")
+        print(f"{label:>10} {alpha:>10.3f} {cost:>12.2f} {s2:>12.2f} {s4:>6.2f}")
+
+
+def linear_table(repeats: int) -> None:
+    """F.linear vs FastLinear's ways for the shapes of the shipped pairs, by row count."""
+    from adaspec.models.fast import FastLinear
+
+    shapes = [(2048, 640), (640, 2048), (1536, 576), (49_152, 576), (262_144, 640)]
+    rows = [1, 2, 3, 4, 8, 16, 32]
+    print(f"\nlinear layers, float32, median ms of {repeats} (best way in brackets)")
+    print(f"{'out x in':>14} {'way':>10} " + " ".join(f"{'M=' + str(m):>8}" for m in rows))
+    for out_f, in_f in shapes:
+        layer = FastLinear(nn.Linear(in_f, out_f, bias=False, dtype=torch.float32))
+        layer.requires_grad_(False)
+        ways = ["linear", "packed"] + (["blocked", "transposed"] if out_f * in_f >= 1 << 22 else [])
+        for way in ways:
+            cells = []
+            for m in rows:
+                x = torch.randn(m, in_f)
+                if way == "transposed" and m > 3:
+                    cells.append(f"{'-':>8}")
+                    continue
+                fn = layer._ways()[way]  # type: ignore[index]
+                t = median_time(functools.partial(fn, x), repeats)
+                cells.append(f"{t * 1e3:>8.2f}")
+            print(f"{f'{out_f}x{in_f}':>14} {way:>10} " + " ".join(cells))
 
 
 def main() -> None:
@@ -188,8 +225,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-forward", action="store_true")
     parser.add_argument("--skip-drafts", action="store_true")
+    parser.add_argument("--linear", action="store_true", help="only the linear-layer table")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.linear:
+        linear_table(args.repeats)
+        return
     for name in args.pairs:
         if not args.skip_forward:
             forward_table(name, args.sizes, args.prefix, args.width, args.repeats)

@@ -20,7 +20,7 @@ MODULES = [
     "adaspec.kernels.attention",
     "adaspec.models.adapter",
     "adaspec.models.draft",
-    "adaspec.models.head",
+    "adaspec.models.fast",
     "adaspec.models.tiny",
 ]
 

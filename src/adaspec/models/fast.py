@@ -1,0 +1,254 @@
+"""Linear layers that run the fastest measured way for each row count, on CPU.
+
+Speculative decoding assumes that a forward of a few tokens costs about as much as a
+forward of one. On the 2-core CI CPUs, ``F.linear`` (MKL) breaks that: a 2048 x 640
+float32 layer takes 0.10 ms for 1 row and 0.19 ms for 2, and Gemma-3 270M's 262,144 x 640
+output layer takes 54 ms for 1 row, 126 ms for 2 and 147 ms for 16. oneDNN with the weight
+packed once into its blocked layout (what ``torch.compile`` does for CPU linears) takes
+0.09 ms for 1 or 2 rows of the small layer and 40 / 49 / 61 ms for 1 / 2 / 16 rows of the
+large one; a contiguous transposed copy streams a single row of the large one in 30 ms
+(``python benchmarks/bench_models.py --linear``).
+
+:func:`optimize_for_cpu` replaces every ``nn.Linear`` of a model by a :class:`FastLinear`
+sharing the same parameters (tied embeddings stay tied, ``state_dict`` keys do not change).
+A FastLinear times the candidate ways once per (shape, dtype, row-count bucket), on first
+use, and then always takes the fastest. Every way computes the same dot products; only
+the float summation order differs (~1e-6 relative), as between any two BLAS libraries.
+Apply it to the target and the baseline alike: the engine's plain decoding and
+transformers' ``generate`` both run on the optimized model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FastLinear", "optimize_for_cpu", "plain_linears", "tunings"]
+
+Way = Literal["linear", "packed", "blocked", "transposed"]
+
+_BLOCK = 4096  # output rows per block of the "blocked" way
+_LARGE = 1 << 22  # weights with at least this many elements also try blocked / transposed
+_MAX_TUNED_ROWS = 32  # more rows: a compute-bound GEMM, where oneDNN's packed one is taken
+_TRANSPOSED_MAX_ROWS = 3  # measured: the transposed layout loses from 4 rows on
+_PLANS: dict[tuple[int, int, torch.dtype, bool, int], Way] = {}  # shared by equal shapes
+_TUNINGS = [0]
+
+
+def tunings() -> int:
+    """How many (shape, row-count) plans have been timed so far in this process.
+
+    A forward during which this grew took longer than it will again: latency models
+    (the engine's) skip such measurements.
+    """
+    return _TUNINGS[0]
+
+
+def _bucket(rows: int) -> int:
+    """Row counts that share a tuned way: 1..8 exactly, then 16 and 32."""
+    return rows if rows <= 8 else 1 << (rows - 1).bit_length()
+
+
+_ONEDNN = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+
+
+def _packable(dtype: torch.dtype) -> bool:
+    return _ONEDNN and dtype in (torch.float32, torch.bfloat16)
+
+
+class FastLinear(nn.Module):
+    """A drop-in ``nn.Linear`` for CPU inference that picks its kernel per row count.
+
+    Parameters
+    ----------
+    linear : nn.Linear
+        The layer to wrap; its ``weight`` (out, in) and ``bias`` (out,) Parameters are
+        shared, not copied.
+    transposed_copy : bool
+        Allow, for large weights, a contiguous (in, out) copy that streams 1-3 rows fastest
+        (one more weight's worth of memory while a plan uses it).
+
+    ``forward(x)``: (..., in) -> (..., out) in x's dtype, like ``F.linear``; x is cast to
+    the weight's dtype first, so bfloat16 weights serve a float32 model (the draft of
+    :func:`~adaspec.models.make_draft`). With autograd recording, on a non-CPU device, or
+    for dtypes oneDNN does not take (float64), it is ``F.linear``.
+    The packed oneDNN copy of the weight (the same size again) is made on first use and
+    rebuilt when the weight changes in place.
+    """
+
+    def __init__(self, linear: nn.Linear, *, transposed_copy: bool = True) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.transposed_copy = transposed_copy
+        self._copies: dict[str, Tensor] = {}
+        self._version = -1
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (
+            w.device.type != "cpu"
+            or not _packable(w.dtype)
+            or not x.dtype.is_floating_point
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        ):
+            return F.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
+        if w._version != self._version:  # new or updated in place: copies are stale
+            self._copies, self._version = {}, w._version
+        rows = x.numel() // max(x.shape[-1], 1)
+        way = self._plan(rows) if 0 < rows <= _MAX_TUNED_ROWS else "packed"
+        y = self._ways()[way](x.to(w.dtype))  # bf16 weights: bf16 activations
+        return y.to(x.dtype)
+
+    # the ways -----------------------------------------------------------------------
+
+    def _ways(self) -> dict[Way, Callable[[Tensor], Tensor]]:
+        return {
+            "linear": self._linear,
+            "packed": self._packed,
+            "blocked": self._blocked,
+            "transposed": self._transposed,
+        }
+
+    def _copy(self, name: str, make: Callable[[Tensor], Tensor]) -> Tensor:
+        if name not in self._copies:
+            self._copies[name] = make(self.weight.detach())
+        return self._copies[name]
+
+    def _linear(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _packed(self, x: Tensor) -> Tensor:
+        packed = self._copy("packed", torch.ops.mkldnn._reorder_linear_weight)
+        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return out
+
+    def _blocked(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features).t()  # [in, M]
+        out = torch.empty(self.out_features, flat.shape[1], dtype=x.dtype)  # [out, M]
+        w = self.weight.detach()
+        for start in range(0, self.out_features, _BLOCK):
+            torch.mm(w[start : start + _BLOCK], flat, out=out[start : start + _BLOCK])
+        y = out.t().reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _transposed(self, x: Tensor) -> Tensor:
+        wt = self._copy("transposed", lambda w: w.t().contiguous())  # [in, out]
+        y = x @ wt
+        return y if self.bias is None else y + self.bias
+
+    # tuning -------------------------------------------------------------------------
+
+    def _key(self, bucket: int) -> tuple[int, int, torch.dtype, bool, int]:
+        large = self.weight.numel() >= _LARGE
+        return (
+            self.out_features,
+            self.in_features,
+            self.weight.dtype,
+            large and self.transposed_copy,
+            bucket,
+        )
+
+    def _plan(self, rows: int) -> Way:
+        key = self._key(_bucket(rows))
+        if key not in _PLANS:
+            _PLANS[key] = self._fastest(key[4], self.weight.numel() >= _LARGE)
+            _TUNINGS[0] += 1
+            used = set(self.plan().values())
+            for name in [n for n in self._copies if n not in used]:
+                del self._copies[name]  # made while timing, not worth its memory
+        return _PLANS[key]
+
+    def _fastest(self, rows: int, large: bool) -> Way:
+        candidates: list[Way] = ["linear", "packed"]
+        if large:
+            candidates.append("blocked")
+            if self.transposed_copy and rows <= _TRANSPOSED_MAX_ROWS:
+                candidates.append("transposed")
+        x = torch.randn(rows, self.in_features, dtype=self.weight.dtype)
+        ways = self._ways()
+        best: tuple[float, Way] = (float("inf"), "linear")
+        repeats = 2 if large else 5
+        for name in candidates:
+            ways[name](x)  # warm up (and make the copy)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                ways[name](x)
+                times.append(time.perf_counter() - start)
+            best = min(best, (min(times), name))
+        return best[1]
+
+    def plan(self) -> dict[int, Way]:
+        """The tuned way per row-count bucket so far, for layers of this shape and dtype."""
+        mine = self._key(0)[:4]
+        return {k[4]: way for k, way in _PLANS.items() if k[:4] == mine}
+
+
+def optimize_for_cpu(model: nn.Module, *, transposed_copy: bool = True) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` by a :class:`FastLinear`, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model on CPU (float32 or bfloat16 linears benefit; others run ``F.linear``).
+    transposed_copy : bool
+        Passed to each FastLinear (large output layers may keep a transposed copy).
+
+    Returns
+    -------
+    nn.Module
+        The same model. Memory: every linear weight gains a packed copy of the same size
+        (and a large output layer possibly a transposed one).
+
+    Example
+    -------
+    >>> from adaspec.models import tiny_model
+    >>> model = tiny_model(seed=0)
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> before = model(ids).logits
+    >>> after = optimize_for_cpu(model)(ids).logits
+    >>> type(model.lm_head).__name__, torch.allclose(before, after, atol=1e-5)
+    ('FastLinear', True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"model must be on the CPU, got parameters on {sorted(devices)}")
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear:
+            setattr(model, name, FastLinear(child, transposed_copy=transposed_copy))
+        else:
+            optimize_for_cpu(child, transposed_copy=transposed_copy)
+    return model
+
+
+def plain_linears(model: nn.Module) -> nn.Module:
+    """Undo :func:`optimize_for_cpu` in place: every FastLinear back to an ``nn.Linear``.
+
+    The parameters are shared, not copied. Returns the same model.
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, FastLinear):
+            linear = nn.Linear(
+                child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+            )
+            linear.weight = child.weight
+            linear.bias = child.bias
+            setattr(model, name, linear)
+        else:
+            plain_linears(child)
+    return model

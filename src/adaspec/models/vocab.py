@@ -1,0 +1,127 @@
+"""A smaller output vocabulary for a draft: its LM head over the most frequent tokens only.
+
+Gemma-3's 262,144-token head is most of a 270M model's decode cost, yet a few tens of
+thousands of tokens carry nearly all English and code text. A draft whose head covers only
+those proposes the same tokens wherever the target's next token is among them, and costs
+far less per step; verification stays lossless, since the target still scores every token
+(a token the draft cannot propose only ends that path).
+
+Token frequencies come from a corpus every Python installation carries: the standard
+library's source (code, docstrings, comments), about 12 million characters.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SubsetHead", "frequent_tokens", "stdlib_token_counts"]
+
+
+def stdlib_token_counts(tokenizer: Any, vocab_size: int, *, max_chars: int = 12_000_000) -> Tensor:
+    """(V,) int64 counts of each token id in the Python standard library's ``.py`` files.
+
+    Files are read in sorted order (tests excluded) until ``max_chars`` characters; the
+    result depends only on the Python version and the tokenizer.
+    """
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise ValueError(f"max_chars must be an int >= 1, got {max_chars!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    seen = 0
+    for path in sorted(root.rglob("*.py")):
+        parts = set(path.relative_to(root).parts)
+        if parts & {"test", "tests", "site-packages", "idle_test"}:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.int64), minlength=vocab_size)[
+            :vocab_size
+        ]
+        seen += len(text)
+        if seen >= max_chars:
+            break
+    return counts
+
+
+def frequent_tokens(counts: Tensor, size: int, always: list[int] | None = None) -> Tensor:
+    """The ``size`` most frequent token ids (ties: lower id first) plus ``always``, sorted.
+
+    Parameters
+    ----------
+    counts : Tensor
+        (V,) int64 token counts.
+    size : int
+        How many ids to keep by frequency (1 to V).
+    always : list of int, optional
+        Ids kept regardless (special tokens: end of turn, BOS, ...).
+
+    Returns
+    -------
+    Tensor
+        1-D int64 sorted unique token ids.
+
+    Example
+    -------
+    >>> frequent_tokens(torch.tensor([5, 0, 9, 1]), 2, always=[1]).tolist()
+    [0, 1, 2]
+    """
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be 1-D, got shape {tuple(counts.shape)}")
+    V = counts.shape[0]
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= V:
+        raise ValueError(f"size must be an int in [1, {V}], got {size!r}")
+    order = torch.sort(-counts, stable=True).indices[:size]
+    extra = torch.tensor(always or [], dtype=torch.int64)
+    if bool(((extra < 0) | (extra >= V)).any()):
+        raise ValueError(f"always must hold token ids in [0, {V}), got {always}")
+    ids: Tensor = torch.unique(torch.cat([order, extra]))
+    return ids
+
+
+class SubsetHead(nn.Module):
+    """An output layer that scores only ``tokens``; every other logit is ``-inf``.
+
+    Parameters
+    ----------
+    head : nn.Linear
+        The full (V, H) output layer; its rows for ``tokens`` are copied.
+    tokens : Tensor
+        1-D int64 sorted unique token ids (K of them).
+
+    ``forward(hidden)``: (..., H) -> (..., V) logits in the head's dtype.
+    """
+
+    def __init__(self, head: nn.Linear, tokens: Tensor) -> None:
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+        tokens = torch.as_tensor(tokens, dtype=torch.int64)
+        V = head.out_features
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError("tokens must be a non-empty 1-D tensor of token ids")
+        if bool(((tokens < 0) | (tokens >= V)).any()) or bool((tokens.diff() <= 0).any()):
+            raise ValueError(f"tokens must be sorted unique ids in [0, {V})")
+        self.vocab_size = V
+        self.proj = nn.Linear(head.in_features, tokens.numel(), bias=head.bias is not None)
+        self.proj.to(head.weight.dtype)
+        with torch.no_grad():
+            self.proj.weight.copy_(head.weight.detach()[tokens])
+            if head.bias is not None and self.proj.bias is not None:
+                self.proj.bias.copy_(head.bias.detach()[tokens])
+        self.proj.requires_grad_(False)
+        self.tokens: Tensor
+        self.register_buffer("tokens", tokens)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        scores = self.proj(hidden)  # [..., K]
+        out = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))
+        logits: Tensor = out.index_copy_(-1, self.tokens, scores)
+        return logits

@@ -1,0 +1,155 @@
+"""FastLinear / optimize_for_cpu and the draft's SubsetHead: equal to the plain layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaspec.models import make_draft, prefill, tiny_model, tree_forward
+from adaspec.models.fast import FastLinear, optimize_for_cpu, plain_linears, tunings
+from adaspec.models.vocab import SubsetHead, frequent_tokens, stdlib_token_counts
+from adaspec.tree import TokenTree
+
+OUT, IN = 65_539, 64  # large enough for every way (>= 2**22 weights), not a multiple of 4096
+
+
+@pytest.fixture(scope="module")
+def big() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(IN, OUT, bias=True).requires_grad_(False)
+
+
+@pytest.mark.parametrize("way", ["linear", "packed", "blocked", "transposed"])
+@pytest.mark.parametrize("shape", [(1, IN), (2, 3, IN), (5, IN)])
+def test_every_way_equals_linear(big: nn.Linear, way: str, shape: tuple[int, ...]) -> None:
+    fast = FastLinear(big)
+    x = torch.randn(shape)
+    out = fast._ways()[way](x)  # type: ignore[index]
+    assert out.shape == (*shape[:-1], OUT)
+    torch.testing.assert_close(out, F.linear(x, big.weight, big.bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 12, 40])
+def test_forward_equals_linear_and_tunes_once(big: nn.Linear, rows: int) -> None:
+    fast = FastLinear(big)
+    x = torch.randn(rows, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), F.linear(x, big.weight, big.bias), rtol=1e-4, atol=1e-4)
+        before = tunings()
+        fast(x)
+    assert tunings() == before  # the plan is kept
+    if rows <= 32:
+        bucket = rows if rows <= 8 else 16 if rows <= 16 else 32
+        assert fast.plan()[bucket] in {"linear", "packed", "blocked", "transposed"}
+        assert rows <= 3 or fast.plan()[bucket] != "transposed"
+    assert set(fast._copies) <= set(fast.plan().values())  # unused copies are dropped
+
+
+def test_bf16_weights_serve_float32_inputs_and_grad_falls_back() -> None:
+    lin = nn.Linear(32, 48)
+    fast = FastLinear(nn.Linear(32, 48).to(torch.bfloat16))
+    fast.weight = nn.Parameter(lin.weight.detach().to(torch.bfloat16), requires_grad=False)
+    fast.bias = nn.Parameter(lin.bias.detach().to(torch.bfloat16), requires_grad=False)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        y = fast(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, lin(x), rtol=0.05, atol=0.05)
+    g = FastLinear(nn.Linear(8, 8))
+    xg = torch.randn(2, 8, requires_grad=True)
+    g(xg).sum().backward()  # autograd path: plain F.linear
+    assert xg.grad is not None
+
+
+def test_in_place_weight_updates_rebuild_the_copies() -> None:
+    fast = FastLinear(nn.Linear(16, 24).requires_grad_(False))
+    x = torch.randn(2, 16)
+    fast(x)
+    fast.weight.mul_(3.0)
+    torch.testing.assert_close(fast(x), F.linear(x, fast.weight, fast.bias))
+
+
+def test_optimize_for_cpu_keeps_the_model_and_its_ties() -> None:
+    model = tiny_model("gemma3", seed=0)
+    keys = set(model.state_dict())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).logits
+        optimize_for_cpu(model)
+        after = model(ids).logits
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert set(model.state_dict()) == keys
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="model"):
+        optimize_for_cpu("not a model")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="linear"):
+        FastLinear(nn.Conv1d(1, 1, 1))  # type: ignore[arg-type]
+
+
+def test_tree_forward_on_an_optimized_model_matches_the_plain_one() -> None:
+    plain, fast = tiny_model(seed=3), optimize_for_cpu(tiny_model(seed=3))
+    tree = TokenTree([5, 6, 7, 8], [-1, 0, 0, 1], [0.0, -0.1, -0.2, -0.3])
+    out = []
+    for model in (plain, fast):
+        state, _ = prefill(model, [[1, 2, 3]])
+        out.append(tree_forward(model, tree, state))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-4)
+
+
+def test_subset_head_scores_only_its_tokens() -> None:
+    head = nn.Linear(8, 20, bias=True)
+    tokens = torch.tensor([0, 3, 4, 19])
+    sub = SubsetHead(head, tokens)
+    x = torch.randn(2, 5, 8)
+    out = sub(x)
+    full = head(x)
+    assert out.shape == (2, 5, 20)
+    torch.testing.assert_close(out[..., tokens], full[..., tokens])
+    others = torch.ones(20, dtype=torch.bool)
+    others[tokens] = False
+    assert bool(torch.isneginf(out[..., others]).all())
+    for bad in (torch.tensor([3, 1]), torch.tensor([20]), torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(ValueError, match="tokens"):
+            SubsetHead(head, bad)
+
+
+def test_draft_with_a_vocabulary_only_proposes_it() -> None:
+    target = tiny_model(seed=0)
+    vocab = torch.arange(0, 101, 2)
+    for kind in ("bf16", "int8"):
+        draft = make_draft(target, kind, vocab=vocab)
+        with torch.no_grad():
+            logits = draft(torch.tensor([[1, 2, 3]])).logits
+        assert bool(torch.isneginf(logits[..., 1::2]).all())
+        assert bool(torch.isfinite(logits[..., ::2]).all())
+    with pytest.raises(ValueError, match="kind"):
+        make_draft(target, "fp8")
+
+
+def test_frequent_tokens_and_stdlib_counts() -> None:
+    counts = torch.tensor([4, 9, 9, 0, 1])
+    assert frequent_tokens(counts, 2).tolist() == [1, 2]  # ties: lower id first
+    assert frequent_tokens(counts, 1, always=[3]).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="size"):
+        frequent_tokens(counts, 0)
+    with pytest.raises(ValueError, match="always"):
+        frequent_tokens(counts, 1, always=[5])
+
+    def by_char(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [min(ord(c), 127) for c in text]}
+
+    got = stdlib_token_counts(by_char, 128, max_chars=50_000)
+    assert got.sum() >= 50_000
+    assert got[ord("e")] > got[ord("Q")] > 0  # English and code: 'e' is common
+
+
+def test_plain_linears_undoes_the_optimization_and_drafts_of_optimized_targets() -> None:
+    model = optimize_for_cpu(tiny_model(seed=2))
+    weight = model.get_submodule("lm_head").weight
+    plain_linears(model)
+    assert not any(isinstance(m, FastLinear) for m in model.modules())
+    assert model.get_submodule("lm_head").weight is weight
+    draft = make_draft(optimize_for_cpu(model), "int8")  # quantizes the FastLinears too
+    assert not any(isinstance(m, (nn.Linear, FastLinear)) for m in draft.modules())
