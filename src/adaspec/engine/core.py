@@ -57,6 +57,10 @@ _PROBE_MAX = 128
 # with this probability (one pseudo-observation; top-1 agreement of the shipped bfloat16
 # drafts with their targets is 0.93-0.97, of int8 ones 0.49-0.69)
 _PRIOR_REACH = 0.8
+# weight of the past in the measured speculative rate (about the last 5 speculative steps)
+_SPEC_DECAY = 0.8
+# a draft backlog longer than this (prompts, many plain steps) is forwarded on its own
+_CATCH_UP_MIN = 8
 
 
 @dataclass(frozen=True)
@@ -303,11 +307,15 @@ class Engine:
         if self.config.warmup:
             self._warmup()
         # per beam level k: requests drafted that deep, and how many accepted paths reached k
-        self._reach_trials = torch.zeros(max(1, self.config.depth), dtype=torch.float64)
-        self._reach_hits = torch.zeros(max(1, self.config.depth), dtype=torch.float64)
+        # (row 0: chains, row 1: beams of the configured width)
+        self._reach_trials = torch.zeros(2, max(1, self.config.depth), dtype=torch.float64)
+        self._reach_hits = torch.zeros(2, max(1, self.config.depth), dtype=torch.float64)
         self._plain_streak = 0  # plain steps since the last speculative one
         self._probe_every = _PROBE_EVERY
-        self._spec_rate: float | None = None  # emitted tokens / s of recent speculative steps
+        # emitted tokens and seconds of recent speculative steps (decayed sums; their ratio
+        # is the measured rate, pooled so that one unlucky step does not veto speculation)
+        self._spec_tokens = 0.0
+        self._spec_seconds = 0.0
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -474,44 +482,59 @@ class Engine:
                 depth -= 1
         return depth, width
 
-    def _plan_depth(self, R: int, depth: int, width: int) -> int:
-        """Beam depth with the most expected emitted tokens per second; 0 = plain decoding.
+    def _plan_shape(self, R: int, depth: int, width: int) -> tuple[int, int]:
+        """Beam (depth, width) with the most expected emitted tokens per second; depth 0 = plain.
 
-        With the auto budget, each candidate depth d is scored from measurements: the draft
-        costs d levels of the draft latency model, verification the target latency model at
-        about R (d + 1) tokens, and a request emits 1 + Σ_{k<=d} P(accepted path reaches k),
-        estimated from past verifications (before any, from a prior of 0.6 per level).
-        Per-request time per token follows the same ratio,
-        so this choice also serves the SLOs best. Every few plain steps the full depth is
-        probed again so the estimates stay current.
+        With the auto budget, each depth d and each width w in {1 (a chain), ``width``} is
+        scored from measurements: the draft costs d levels of the draft latency model at
+        R w tokens, verification the target latency model at about R (d + 1) tokens, and a
+        request emits 1 + Σ_{k<=d} P(accepted path reaches k), counted per width from past
+        verifications (before any, from a prior of 0.8 per level). Per-request time per
+        token follows the same ratio, so this choice also serves the SLOs best. The choice
+        is vetoed while measured speculative steps deliver fewer tokens per second than
+        plain decoding; then a cheap chain is probed now and then (exponential back-off)
+        so the estimates stay current.
         """
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
-            return depth
-        level = float(self.draft_latency.predict(R * width))
-        # one pseudo-observation of a prior in which each level is reached with _PRIOR_REACH
+            return depth, width
         prior = _PRIOR_REACH ** torch.arange(1, depth + 1, dtype=torch.float64)
-        reach = (self._reach_hits[:depth] + prior) / (self._reach_trials[:depth] + 1.0)  # [depth]
         d = torch.arange(depth + 1, dtype=torch.float64)
-        seconds = d * level + self.verify_latency.predict(R * (d + 1))  # [depth + 1]
+        verify_s = self.verify_latency.predict(R * (d + 1))  # [depth + 1]
+        plain_rate = R / float(verify_s[0])
 
-        def best_depth(reach: Tensor) -> int:
-            gain = torch.cat([torch.zeros(1, dtype=torch.float64), reach.cumsum(0)])
-            return int(((1 + gain) / seconds).argmax())
+        def best(optimistic: bool, widths: list[int]) -> tuple[float, int, int]:
+            """(expected tokens per second per request, depth, width) of the best shape."""
+            top = (1.0 / float(verify_s[0]), 0, widths[0])
+            for w in widths:
+                i = 0 if w == 1 else 1
+                hits, trials = self._reach_hits[i, :depth], self._reach_trials[i, :depth]
+                reach = (hits + prior) / (trials + 1.0)  # one pseudo-observation of the prior
+                if optimistic:
+                    reach = torch.maximum(reach, prior)
+                gain = torch.cat([torch.zeros(1, dtype=torch.float64), reach.cumsum(0)])
+                level = float(self.draft_latency.predict(R * w))
+                rate = (1 + gain) / (d * level + verify_s)  # [depth + 1]
+                k = int(rate.argmax())
+                if k > 0 and float(rate[k]) > top[0]:
+                    top = (float(rate[k]), k, w)
+            return top
 
-        best = best_depth(reach)
-        # the model's verdict is checked against what speculative steps really delivered:
-        # if their measured tokens per second fell below plain decoding's, decode plainly
-        plain_rate = R / float(seconds[0])
-        if best > 0 and (self._spec_rate is None or self._spec_rate >= plain_rate):
+        widths = sorted({1, width})
+        _, k, w = best(False, widths)
+        # the model's verdict is checked against what speculative steps really delivered
+        measured = self._spec_tokens / self._spec_seconds if self._spec_seconds > 0 else None
+        if k > 0 and (measured is None or measured >= plain_rate):
             self._probe_every = _PROBE_EVERY
-            return best
+            return k, w
         if self._plain_streak == 0 and self.stats.steps > 0:
             # the last step speculated and no longer pays: probe half as often from now on
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
-        # re-probe now and then, but only where a draft as good as the prior could pay
-        if self._plain_streak >= self._probe_every and best_depth(torch.maximum(reach, prior)) > 0:
-            return depth
-        return 0
+        if self._plain_streak >= self._probe_every:
+            # re-probe with a chain, only where a draft as good as the prior could pay
+            _, k, w = best(True, [1])
+            if k > 0:
+                return k, w
+        return 0, width
 
     def _warmup(self) -> None:
         """Seed both latency models with a few timed forwards on a short dummy prefix."""
@@ -551,8 +574,14 @@ class Engine:
         budgets = torch.arange(R, upper + 1)
         expected = R + torch.cat([torch.zeros(1), rest.cumsum(0)])[: budgets.numel()]
         seconds = draft_seconds + self.verify_latency.predict(budgets)
-        best = int(budgets[int((expected / seconds).argmax())])
-        return max(best, min(floor, upper))
+        rate = expected / seconds  # [B] expected emitted tokens per second
+        i_best = int(rate.argmax())
+        # the SLO floor is served as far as the step stays at least as fast as plain decoding
+        # (a floor that would slow every request down helps no SLO)
+        plain = R / float(self.verify_latency.predict(R))
+        ok = (rate >= min(plain, float(rate[i_best]))).nonzero().flatten()
+        limit = int(budgets[int(ok.max())])
+        return max(int(budgets[i_best]), min(floor, upper, limit))
 
     def step(self) -> list[RequestOutput]:
         """Run one step over every live request; returns what each produced in it."""
@@ -564,7 +593,7 @@ class Engine:
             if r.start is None:
                 r.start = now
         depth, width = self._beam_shape(len(self._active))
-        depth = self._plan_depth(len(self._active), depth, width)
+        depth, width = self._plan_shape(len(self._active), depth, width)
         if depth > 0:
             emitted, counts = self._speculative_step(depth, width)
         else:
@@ -582,17 +611,27 @@ class Engine:
 
         # 1. draft: catch up on tokens it has not seen (prompts, plain steps), then candidate
         # trees from a beam over the draft model
-        catch_up(self.draft, self._draft_state)
+        # (a short backlog rides along with the roots in the beam's first forward)
+        backlog = self._draft_state.backlog
+        if backlog.shape[1] > _CATCH_UP_MIN and int((backlog >= 0).sum(1).max()) > _CATCH_UP_MIN:
+            catch_up(self.draft, self._draft_state)
         t_beam = time.perf_counter()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
+        min_gain = 0.0
+        if cfg.budget == "auto" and self.verify_latency.observed and self.draft_latency.observed:
+            # a further level must promise more accepted tokens than plain decoding would
+            # emit in the time it costs
+            level = float(self.draft_latency.predict(R * width))
+            min_gain = R * level / float(self.verify_latency.predict(R))
         dtree = grow_draft_tree(
             self.draft, self._draft_state, roots, depth, width,
-            temperature=temperature, top_k=top_k, top_p=top_p,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_gain=min_gain,
         )  # fmt: skip
         t_draft = time.perf_counter()
+        forwards = max(1, int(dtree.grown.depth.max()))  # levels grown (maybe fewer than depth)
         tuned_draft = tunings()
         if tuned_draft == tuned:  # a step that timed new kernel plans is not typical
-            self.draft_latency.observe(R * width, (t_draft - t_beam) / depth)  # per level
+            self.draft_latency.observe(R * width, (t_draft - t_beam) / forwards)  # per level
 
         # 2. needs from the SLO clocks, the budget, and the selection
         cand_raw = dtree.candidates
@@ -636,16 +675,17 @@ class Engine:
         self.stats.spec = self.stats.spec.update(res, sel.tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
-        rate = sum(counts) / (t_end - t_beam)  # the catch-up is a one-off, not a step cost
-        if tunings() == tuned:
-            self._spec_rate = rate if self._spec_rate is None else 0.5 * (self._spec_rate + rate)
+        if tunings() == tuned:  # the catch-up is a one-off, not a step cost
+            self._spec_tokens = _SPEC_DECAY * self._spec_tokens + sum(counts)
+            self._spec_seconds = _SPEC_DECAY * self._spec_seconds + (t_end - t_beam)
 
         reached = res.num_accepted.cpu()
         levels = torch.arange(1, depth + 1)
         # a level counts as tried only for requests whose selected tree reaches it
         tried = sel.tree.depth.max(1).values.cpu()  # [R]
-        self._reach_trials[:depth] += (tried.unsqueeze(1) >= levels).sum(0).double()
-        self._reach_hits[:depth] += (reached.unsqueeze(1) >= levels).sum(0).double()
+        row = 0 if width == 1 else 1
+        self._reach_trials[row, :depth] += (tried.unsqueeze(1) >= levels).sum(0).double()
+        self._reach_hits[row, :depth] += (reached.unsqueeze(1) >= levels).sum(0).double()
         self._plain_streak = 0
         self.stats.target_tokens += n_tokens
         self.stats.draft_time += t_draft - t_start

@@ -68,8 +68,9 @@ def grow_draft_tree(
     temperature: Param = 0.0,
     top_k: Param = None,
     top_p: Param = None,
+    min_gain: float = 0.0,
 ) -> DraftTree:
-    """Beam-expand candidate trees of ``depth`` levels and ``width`` nodes per level.
+    """Beam-expand candidate trees of up to ``depth`` levels and ``width`` nodes per level.
 
     Parameters
     ----------
@@ -86,6 +87,12 @@ def grow_draft_tree(
         :func:`adaspec.acceptance.expand`.
     temperature, top_k, top_p :
         The sampling settings verification will use (greedy: 0); they shape f(v).
+    min_gain : float
+        Stop growing early when the next level cannot add this many expected accepted
+        tokens over the batch: before each further draft forward, the sum over requests of
+        the best frontier node's f (the most a level can add) is compared with it. 0 (the
+        default) always grows ``depth`` levels. The engine sets it to what a level costs in
+        tokens of plain decoding.
 
     Returns
     -------
@@ -125,6 +132,10 @@ def grow_draft_tree(
     for _ in range(1, depth):
         tree = grower.tree()
         frontier = grower.frontier  # [R, W] node indices
+        if min_gain > 0:
+            best = tree.logp.gather(1, frontier).exp().max(1).values  # [R]
+            if float(best.sum()) < min_gain:
+                break
         R, W = frontier.shape
         visible = ancestor_mask(tree).gather(
             1, frontier.unsqueeze(2).expand(R, W, tree.max_nodes)
