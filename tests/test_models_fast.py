@@ -44,7 +44,7 @@ def test_forward_equals_linear_and_tunes_once(big: nn.Linear, rows: int) -> None
         bucket = rows if rows <= 8 else 16 if rows <= 16 else 32
         assert fast.plan()[bucket] in {"linear", "packed", "blocked", "transposed"}
         assert rows <= 3 or fast.plan()[bucket] != "transposed"
-    assert set(fast._copies) <= set(fast.plan().values())  # unused copies are dropped
+        assert set(fast._copies) <= set(fast.plan().values())  # unused copies are dropped
 
 
 def test_bf16_weights_serve_float32_inputs_and_grad_falls_back() -> None:
@@ -153,3 +153,22 @@ def test_plain_linears_undoes_the_optimization_and_drafts_of_optimized_targets()
     assert model.get_submodule("lm_head").weight is weight
     draft = make_draft(optimize_for_cpu(model), "int8")  # quantizes the FastLinears too
     assert not any(isinstance(m, (nn.Linear, FastLinear)) for m in draft.modules())
+
+
+def test_replaced_cast_or_copied_weights_never_use_stale_copies() -> None:
+    import copy
+
+    fast = FastLinear(nn.Linear(16, 24).requires_grad_(False))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        fast(x)
+        fast.weight = nn.Parameter(torch.randn(24, 16), requires_grad=False)  # same version
+        torch.testing.assert_close(fast(x), F.linear(x, fast.weight, fast.bias))
+        twin = copy.deepcopy(fast)  # copies are not carried over, and rebuilt
+        assert twin._copies == {}
+        torch.testing.assert_close(twin(x), F.linear(x, fast.weight, fast.bias))
+        fast.to(torch.bfloat16)  # cast in place (.data): the float32 copy is stale
+        expected = F.linear(x.bfloat16(), fast.weight, fast.bias).float()
+        torch.testing.assert_close(fast(x), expected, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="features"):
+        fast(torch.randn(2, 15))

@@ -59,6 +59,9 @@ _PROBE_MAX = 128
 _PRIOR_REACH = 0.8
 # weight of the past in the measured speculative rate (about the last 5 speculative steps)
 _SPEC_DECAY = 0.8
+# speculation is chosen only when the model predicts this much more than plain decoding
+# (its estimates are noisy, and the first speculative step also catches the draft up)
+_MARGIN = 1.1
 # a draft backlog longer than this (prompts, many plain steps) is forwarded on its own
 _CATCH_UP_MIN = 8
 
@@ -500,11 +503,11 @@ class Engine:
         prior = _PRIOR_REACH ** torch.arange(1, depth + 1, dtype=torch.float64)
         d = torch.arange(depth + 1, dtype=torch.float64)
         verify_s = self.verify_latency.predict(R * (d + 1))  # [depth + 1]
-        plain_rate = R / float(verify_s[0])
+        plain_rate = R / max(float(verify_s[0]), 1e-9)
 
         def best(optimistic: bool, widths: list[int]) -> tuple[float, int, int]:
             """(expected tokens per second per request, depth, width) of the best shape."""
-            top = (1.0 / float(verify_s[0]), 0, widths[0])
+            top = (1.0 / max(float(verify_s[0]), 1e-9), 0, widths[0])
             for w in widths:
                 i = 0 if w == 1 else 1
                 hits, trials = self._reach_hits[i, :depth], self._reach_trials[i, :depth]
@@ -513,9 +516,9 @@ class Engine:
                     reach = torch.maximum(reach, prior)
                 gain = torch.cat([torch.zeros(1, dtype=torch.float64), reach.cumsum(0)])
                 level = float(self.draft_latency.predict(R * w))
-                rate = (1 + gain) / (d * level + verify_s)  # [depth + 1]
+                rate = (1 + gain) / (d * level + verify_s).clamp(min=1e-9)  # [depth + 1]
                 k = int(rate.argmax())
-                if k > 0 and float(rate[k]) > top[0]:
+                if k > 0 and float(rate[k]) > max(top[0], _MARGIN * float(rate[0])):
                     top = (float(rate[k]), k, w)
             return top
 
@@ -539,7 +542,7 @@ class Engine:
     def _warmup(self) -> None:
         """Seed both latency models with a few timed forwards on a short dummy prefix."""
         for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
-            state, _ = prefill(model, [[0] * 16])
+            state, _ = prefill(model, [[0] * 128])  # a typical context length
             for n in (*range(1, 9), 16, 32):
                 tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
                 for timed in (False, True):  # the first run warms up (and tunes FastLinears)
@@ -553,7 +556,8 @@ class Engine:
     def _auto_budget(
         self, cand: TokenTree, need: Tensor, cap: int | None, draft_seconds: float
     ) -> int:
-        """The budget with the most expected emitted tokens per second, at least the SLO share."""
+        """The budget with the most expected emitted tokens per second, raised toward the SLO share
+        while the step stays at least as fast as plain decoding."""
         R, N = cand.tokens.shape
         if not self.verify_latency.observed:  # nothing measured yet: verify everything once
             return max(R, min(int(cand.num_nodes.sum()), self.config.max_tokens_per_step))
@@ -574,13 +578,14 @@ class Engine:
         budgets = torch.arange(R, upper + 1)
         expected = R + torch.cat([torch.zeros(1), rest.cumsum(0)])[: budgets.numel()]
         seconds = draft_seconds + self.verify_latency.predict(budgets)
-        rate = expected / seconds  # [B] expected emitted tokens per second
+        rate = expected / seconds.clamp(min=1e-9)  # [B] expected emitted tokens per second
         i_best = int(rate.argmax())
         # the SLO floor is served as far as the step stays at least as fast as plain decoding
         # (a floor that would slow every request down helps no SLO)
-        plain = R / float(self.verify_latency.predict(R))
-        ok = (rate >= min(plain, float(rate[i_best]))).nonzero().flatten()
-        limit = int(budgets[int(ok.max())])
+        plain = R / max(float(self.verify_latency.predict(R)), 1e-9)
+        slow = (rate[i_best:] < min(plain, float(rate[i_best]))).nonzero().flatten()
+        last = i_best + (int(slow[0]) - 1 if slow.numel() else rate.numel() - 1 - i_best)
+        limit = int(budgets[last])  # the end of the run of budgets from the best that keep up
         return max(int(budgets[i_best]), min(floor, upper, limit))
 
     def step(self) -> list[RequestOutput]:
@@ -622,7 +627,7 @@ class Engine:
             # a further level must promise more accepted tokens than plain decoding would
             # emit in the time it costs
             level = float(self.draft_latency.predict(R * width))
-            min_gain = R * level / float(self.verify_latency.predict(R))
+            min_gain = R * level / max(float(self.verify_latency.predict(R)), 1e-9)
         dtree = grow_draft_tree(
             self.draft, self._draft_state, roots, depth, width,
             temperature=temperature, top_k=top_k, top_p=top_p, min_gain=min_gain,

@@ -18,7 +18,9 @@ class LatencyModel:
 
     Token counts are grouped into buckets around a grid (1, 2, 4, ..., 2048 by default);
     each bucket keeps an exponential moving average of the token counts and seconds
-    observed in it. :meth:`predict` interpolates linearly between the bucket averages,
+    observed in it, and when one bucket's average moves by a factor, the others move by the
+    same factor: costs of all sizes drift together as contexts grow or the machine gets
+    busier, while only the sizes in use are measured. :meth:`predict` interpolates linearly between the bucket averages,
     made non-decreasing, and extrapolates past the last bucket with the last segment's
     slope (or proportionally, with a single bucket). AdaServe profiles the target the same
     way (a table of verified tokens -> latency, interpolated).
@@ -59,8 +61,16 @@ class LatencyModel:
         b = self._bucket(tokens)
         if b in self._seconds:
             a = self.decay
+            old = self._seconds[b]
             self._tokens[b] = (1 - a) * self._tokens[b] + a * tokens
-            self._seconds[b] = (1 - a) * self._seconds[b] + a * seconds
+            self._seconds[b] = (1 - a) * old + a * seconds
+            if old > 0:
+                # forwards of every size drift together (longer contexts, more requests,
+                # a busier machine): the buckets not measured now follow this one's change
+                ratio = self._seconds[b] / old
+                for k in self._seconds:
+                    if k != b:
+                        self._seconds[k] *= ratio
         else:
             self._tokens[b] = float(tokens)
             self._seconds[b] = float(seconds)

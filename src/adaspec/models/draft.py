@@ -90,15 +90,16 @@ def grow_draft_tree(
     min_gain : float
         Stop growing early when the next level cannot add this many expected accepted
         tokens over the batch: before each further draft forward, the sum over requests of
-        the best frontier node's f (the most a level can add) is compared with it. 0 (the
+        the frontier nodes' f (the most a level can add) is compared with it. 0 (the
         default) always grows ``depth`` levels. The engine sets it to what a level costs in
         tokens of plain decoding.
 
     Returns
     -------
     DraftTree
-        Costs ``max(depth, 1)`` draft forwards: the root (plus any backlog), then
-        ``width`` tokens per request per further level.
+        Costs at most ``max(depth, 1)`` draft forwards: the root (plus any backlog), then
+        ``width`` tokens per request per further level (fewer levels when ``min_gain``
+        stops the growth; ``grown.depth.max()`` tells how many).
 
     Example
     -------
@@ -116,6 +117,8 @@ def grow_draft_tree(
         )
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+    if not isinstance(min_gain, (int, float)) or not 0 <= min_gain < float("inf"):
+        raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain!r}")
     dev = state.lens.device
     root_tokens = root_tokens.to(device=dev, dtype=torch.int64)
     grower = TreeGrower(root_tokens, width, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -133,8 +136,9 @@ def grow_draft_tree(
         tree = grower.tree()
         frontier = grower.frontier  # [R, W] node indices
         if min_gain > 0:
-            best = tree.logp.gather(1, frontier).exp().max(1).values  # [R]
-            if float(best.sum()) < min_gain:
+            # children's f sum to at most their parent's: the level adds at most Σ frontier f
+            bound = tree.logp.gather(1, frontier).exp().sum()
+            if float(bound) < min_gain:
                 break
         R, W = frontier.shape
         visible = ancestor_mask(tree).gather(

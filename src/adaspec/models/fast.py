@@ -55,10 +55,11 @@ def _bucket(rows: int) -> int:
 
 
 _ONEDNN = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+_ONEDNN_BF16 = _ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _packable(dtype: torch.dtype) -> bool:
-    return _ONEDNN and dtype in (torch.float32, torch.bfloat16)
+    return (_ONEDNN and dtype == torch.float32) or (_ONEDNN_BF16 and dtype == torch.bfloat16)
 
 
 class FastLinear(nn.Module):
@@ -91,7 +92,12 @@ class FastLinear(nn.Module):
         self.bias = linear.bias
         self.transposed_copy = transposed_copy
         self._copies: dict[str, Tensor] = {}
-        self._version = -1
+        self._source: tuple[int, torch.dtype, int, int] | None = None  # what _copies are of
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
+        state["_copies"], state["_source"] = {}, None  # copies are rebuilt on first use
+        return state
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -104,9 +110,14 @@ class FastLinear(nn.Module):
             or not x.dtype.is_floating_point
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         ):
+            if not x.dtype.is_floating_point:
+                return F.linear(x, w, self.bias)  # torch's own error for integer inputs
             return F.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
-        if w._version != self._version:  # new or updated in place: copies are stale
-            self._copies, self._version = {}, w._version
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
+        source = (id(w), w.dtype, w.data_ptr(), w._version)
+        if source != self._source:  # a new, moved, cast or updated weight: copies are stale
+            self._copies, self._source = {}, source
         rows = x.numel() // max(x.shape[-1], 1)
         way = self._plan(rows) if 0 < rows <= _MAX_TUNED_ROWS else "packed"
         y = self._ways()[way](x.to(w.dtype))  # bf16 weights: bf16 activations
@@ -182,7 +193,11 @@ class FastLinear(nn.Module):
         best: tuple[float, Way] = (float("inf"), "linear")
         repeats = 2 if large else 5
         for name in candidates:
-            ways[name](x)  # warm up (and make the copy)
+            try:
+                ways[name](x)  # warm up (and make the copy)
+            except RuntimeError:  # e.g. a oneDNN build without this dtype: not a candidate
+                self._copies.pop(name, None)
+                continue
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -218,8 +233,9 @@ def optimize_for_cpu(model: nn.Module, *, transposed_copy: bool = True) -> nn.Mo
     >>> from adaspec.models import tiny_model
     >>> model = tiny_model(seed=0)
     >>> ids = torch.tensor([[1, 2, 3]])
-    >>> before = model(ids).logits
-    >>> after = optimize_for_cpu(model)(ids).logits
+    >>> with torch.no_grad():
+    ...     before = model(ids).logits
+    ...     after = optimize_for_cpu(model)(ids).logits
     >>> type(model.lm_head).__name__, torch.allclose(before, after, atol=1e-5)
     ('FastLinear', True)
     """
@@ -228,11 +244,17 @@ def optimize_for_cpu(model: nn.Module, *, transposed_copy: bool = True) -> nn.Mo
     devices = {p.device.type for p in model.parameters()}
     if devices - {"cpu"}:
         raise ValueError(f"model must be on the CPU, got parameters on {sorted(devices)}")
+    return wrap_linears(model, transposed_copy=transposed_copy)
+
+
+def wrap_linears(model: nn.Module, *, transposed_copy: bool = True) -> nn.Module:
+    """:func:`optimize_for_cpu` without the device check (off the CPU a FastLinear is
+    ``F.linear`` with a cast to the weight's dtype, which a bfloat16-weight draft needs)."""
     for name, child in list(model.named_children()):
         if type(child) is nn.Linear:
             setattr(model, name, FastLinear(child, transposed_copy=transposed_copy))
         else:
-            optimize_for_cpu(child, transposed_copy=transposed_copy)
+            wrap_linears(child, transposed_copy=transposed_copy)
     return model
 
 

@@ -334,10 +334,9 @@ def make_draft(target: nn.Module, kind: str = "bf16", *, vocab: Tensor | None = 
             warnings.simplefilter("ignore", UserWarning)
             draft = quantize_dynamic(draft, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
     elif kind == "bf16":
-        from adaspec.models.fast import optimize_for_cpu
+        from adaspec.models.fast import wrap_linears
 
-        if all(p.device.type == "cpu" for p in draft.parameters()):
-            optimize_for_cpu(draft)
+        wrap_linears(draft)  # bf16 weights, float32 activations: FastLinear casts
     else:
         with torch.no_grad():
             for module in draft.modules():
