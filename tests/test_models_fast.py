@@ -172,3 +172,17 @@ def test_replaced_cast_or_copied_weights_never_use_stale_copies() -> None:
         torch.testing.assert_close(fast(x), expected, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="features"):
         fast(torch.randn(2, 15))
+
+
+def test_bad_vocabulary_and_draft_arguments_are_named() -> None:
+    from adaspec.models import load_pair
+
+    with pytest.raises(TypeError, match="counts"):
+        frequent_tokens([1, 2, 3], 2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tokens"):
+        SubsetHead(nn.Linear(4, 8), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="draft_kind"):
+        load_pair("smollm2-135m", draft_kind="fp8")
+    for bad in (0, "many", 2.5):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            load_pair("smollm2-135m", draft_vocab=bad)  # type: ignore[arg-type]

@@ -310,7 +310,7 @@ class Engine:
         if self.config.warmup:
             self._warmup()
         # per beam level k: requests drafted that deep, and how many accepted paths reached k
-        # (row 0: chains, row 1: beams of the configured width)
+        # (row 0: chains, row 1: wider beams, whatever width adaptive_shape gave them)
         self._reach_trials = torch.zeros(2, max(1, self.config.depth), dtype=torch.float64)
         self._reach_hits = torch.zeros(2, max(1, self.config.depth), dtype=torch.float64)
         self._plain_streak = 0  # plain steps since the last speculative one

@@ -396,6 +396,13 @@ def load_pair(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = _spec(name)
+    if draft_kind not in ("bf16", "int8", "int4-sim"):
+        raise ValueError(f"draft_kind must be 'bf16', 'int8' or 'int4-sim', got {draft_kind!r}")
+    size = spec.draft_vocab if draft_vocab == "auto" else draft_vocab
+    if size is not None and (
+        isinstance(size, (bool, str)) or not isinstance(size, int) or size < 1
+    ):
+        raise ValueError(f"draft_vocab must be an int >= 1, None or 'auto', got {draft_vocab!r}")
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(
             f"attn_implementation must be 'sdpa' or 'eager', got {attn_implementation!r}"
@@ -414,9 +421,6 @@ def load_pair(
     )
     target.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    size = spec.draft_vocab if draft_vocab == "auto" else draft_vocab
-    if size is not None and (isinstance(size, (bool, str)) or not isinstance(size, int)):
-        raise ValueError(f"draft_vocab must be an int, None or 'auto', got {draft_vocab!r}")
     vocab = None
     config: Any = target.config
     V = int(config.vocab_size)
@@ -444,6 +448,9 @@ def _token_counts(path: Path, tokenizer: Any, vocab_size: int) -> Tensor:
             return counts
     counts = stdlib_token_counts(tokenizer, vocab_size)
     tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(counts, tmp)
-    os.replace(tmp, file)  # atomic: a concurrent loader sees the whole file or none
+    try:
+        torch.save(counts, tmp)
+        os.replace(tmp, file)  # atomic: a concurrent loader sees the whole file or none
+    except OSError:  # a read-only cache: count again next time
+        tmp.unlink(missing_ok=True)
     return counts

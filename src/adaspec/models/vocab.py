@@ -73,8 +73,8 @@ def frequent_tokens(counts: Tensor, size: int, always: list[int] | None = None) 
     >>> frequent_tokens(torch.tensor([5, 0, 9, 1]), 2, always=[1]).tolist()
     [0, 1, 2]
     """
-    if counts.dim() != 1:
-        raise ValueError(f"counts must be 1-D, got shape {tuple(counts.shape)}")
+    if not isinstance(counts, Tensor) or counts.dim() != 1 or counts.is_floating_point():
+        raise TypeError(f"counts must be a 1-D integer tensor, got {counts!r:.80}")
     V = counts.shape[0]
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= V:
         raise ValueError(f"size must be an int in [1, {V}], got {size!r}")
@@ -96,22 +96,33 @@ class SubsetHead(nn.Module):
     tokens : Tensor
         1-D int64 sorted unique token ids (K of them).
 
-    ``forward(hidden)``: (..., H) -> (..., V) logits in the head's dtype.
+    ``forward(hidden)``: (..., H) -> (..., V) logits in the dtype ``proj`` returns (the
+    hidden states' when ``proj`` is a :class:`~adaspec.models.fast.FastLinear`).
     """
 
     def __init__(self, head: nn.Linear, tokens: Tensor) -> None:
         super().__init__()
         if not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
-        tokens = torch.as_tensor(tokens, dtype=torch.int64)
+        tokens = torch.as_tensor(tokens)
+        if tokens.is_floating_point() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must hold integer token ids, got {tokens.dtype}")
+        tokens = tokens.to(torch.int64)
         V = head.out_features
         if tokens.dim() != 1 or tokens.numel() == 0:
             raise ValueError("tokens must be a non-empty 1-D tensor of token ids")
         if bool(((tokens < 0) | (tokens >= V)).any()) or bool((tokens.diff() <= 0).any()):
             raise ValueError(f"tokens must be sorted unique ids in [0, {V})")
         self.vocab_size = V
-        self.proj = nn.Linear(head.in_features, tokens.numel(), bias=head.bias is not None)
-        self.proj.to(head.weight.dtype)
+        w = head.weight
+        tokens = tokens.to(w.device)
+        self.proj = nn.Linear(
+            head.in_features,
+            tokens.numel(),
+            bias=head.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
         with torch.no_grad():
             self.proj.weight.copy_(head.weight.detach()[tokens])
             if head.bias is not None and self.proj.bias is not None:
