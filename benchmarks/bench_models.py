@@ -21,6 +21,7 @@ nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import time
@@ -67,8 +68,11 @@ def forward_table(name: str, sizes: list[int], prefix: int, width: int, repeats:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (prefix,), generator=gen).tolist()
     print(f"\n{name}: one forward after a {prefix}-token prefix, R = 1 (median of {repeats})")
+    from adaspec.models.fast import plain_linears
+
+    plain = plain_linears(copy.deepcopy(target))  # the same weights through F.linear
     print(f"{'model':>8} {'tokens':>7} {'ms':>9} {'x 1-token':>10}")
-    for label, model in (("target", target), ("draft", draft)):
+    for label, model in (("target", target), ("F.linear", plain), ("draft", draft)):
         state, _ = prefill(model, [prompt])
         base = None
         for n in sizes:
@@ -195,7 +199,7 @@ def linear_table(repeats: int) -> None:
 
     shapes = [(2048, 640), (640, 2048), (1536, 576), (49_152, 576), (262_144, 640)]
     rows = [1, 2, 3, 4, 8, 16, 32]
-    print(f"\nlinear layers, float32, median ms of {repeats} (best way in brackets)")
+    print(f"\nlinear layers, float32, median ms of {repeats}")
     print(f"{'out x in':>14} {'way':>10} " + " ".join(f"{'M=' + str(m):>8}" for m in rows))
     for out_f, in_f in shapes:
         layer = FastLinear(nn.Linear(in_f, out_f, bias=False, dtype=torch.float32))
