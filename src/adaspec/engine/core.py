@@ -49,7 +49,7 @@ from adaspec.verify import SpecStats, VerifyResult, verify
 
 __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
 
-# with the auto budget, a run of plain steps re-probes full-depth speculation after this
+# with the auto budget, a run of plain steps re-probes speculation (a short chain) after this
 # many plain steps; each probe that does not pay doubles the interval, up to _PROBE_MAX
 _PROBE_EVERY = 8
 _PROBE_MAX = 128
@@ -533,10 +533,9 @@ class Engine:
             # the last step speculated and no longer pays: probe half as often from now on
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
         if self._plain_streak >= self._probe_every:
-            # re-probe with a chain, only where a draft as good as the prior could pay
-            _, k, w = best(True, [1])
-            if k > 0:
-                return k, w
+            # re-probe with a short chain, so that stale or noisy estimates (of the draft's
+            # cost above all, measured only when it drafts) cannot rule speculation out for good
+            return min(depth, 2), 1
         return 0, width
 
     def _warmup(self) -> None:
@@ -545,13 +544,16 @@ class Engine:
             state, _ = prefill(model, [[0] * 128])  # a typical context length
             for n in (*range(1, 9), 16, 32):
                 tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
-                for timed in (False, True):  # the first run warms up (and tunes FastLinears)
+                times = []
+                for run in range(3):  # the first run warms up (and tunes FastLinears)
                     t0, tuned = time.perf_counter(), tunings()
                     tree_forward(model, tree, state)
-                    if timed and tunings() == tuned:
-                        lat.observe(n, time.perf_counter() - t0)
+                    if run > 0 and tunings() == tuned:
+                        times.append(time.perf_counter() - t0)
                     commit(state, torch.full((1, 1), -1, dtype=torch.int64))
                     drop_last_token(state)
+                if times:
+                    lat.observe(n, min(times))  # the quicker of two: less noise from neighbours
 
     def _auto_budget(
         self, cand: TokenTree, need: Tensor, cap: int | None, draft_seconds: float
@@ -618,12 +620,19 @@ class Engine:
         # trees from a beam over the draft model
         # (a short backlog rides along with the roots in the beam's first forward)
         backlog = self._draft_state.backlog
+        caught_up = False
         if backlog.shape[1] > _CATCH_UP_MIN and int((backlog >= 0).sum(1).max()) > _CATCH_UP_MIN:
             catch_up(self.draft, self._draft_state)
+            caught_up = True
         t_beam = time.perf_counter()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
         min_gain = 0.0
-        if cfg.budget == "auto" and self.verify_latency.observed and self.draft_latency.observed:
+        if (
+            cfg.budget == "auto"
+            and width > 1  # a chain's depth was planned from measured acceptance already
+            and self.verify_latency.observed
+            and self.draft_latency.observed
+        ):
             # a further level must promise more accepted tokens than plain decoding would
             # emit in the time it costs
             level = float(self.draft_latency.predict(R * width))
@@ -644,6 +653,10 @@ class Engine:
         need = self._needs(t_draft, depth)
         if cfg.budget == "auto":
             budget = self._auto_budget(cand, need, cfg.max_per_request, t_draft - t_start)
+            if width == 1:
+                # the plan chose this chain from measured acceptance; the draft's own f is
+                # often underconfident, so verify the whole chain it paid for
+                budget = max(budget, int(cand.num_nodes.sum()))
         else:
             budget = max(R, cfg.budget)
         if cfg.selection == "even":
@@ -680,7 +693,8 @@ class Engine:
         self.stats.spec = self.stats.spec.update(res, sel.tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
-        if tunings() == tuned:  # the catch-up is a one-off, not a step cost
+        # the catch-up is a one-off, and the first speculative step pays first-use costs
+        if tunings() == tuned and not (caught_up and self._spec_seconds == 0):
             self._spec_tokens = _SPEC_DECAY * self._spec_tokens + sum(counts)
             self._spec_seconds = _SPEC_DECAY * self._spec_seconds + (t_end - t_beam)
 

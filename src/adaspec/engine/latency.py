@@ -20,7 +20,8 @@ class LatencyModel:
     each bucket keeps an exponential moving average of the token counts and seconds
     observed in it, and when one bucket's average moves by a factor, the others move by the
     same factor: costs of all sizes drift together as contexts grow or the machine gets
-    busier, while only the sizes in use are measured. :meth:`predict` interpolates linearly between the bucket averages,
+    busier, while only the sizes in use are measured. A sample more than 3x away from its
+    bucket's average counts as a 3x one (a stalled forward should not swing the plan). :meth:`predict` interpolates linearly between the bucket averages,
     made non-decreasing, and extrapolates past the last bucket with the last segment's
     slope (or proportionally, with a single bucket). AdaServe profiles the target the same
     way (a table of verified tokens -> latency, interpolated).
@@ -62,6 +63,9 @@ class LatencyModel:
         if b in self._seconds:
             a = self.decay
             old = self._seconds[b]
+            # one stalled forward (first use of a shape, a busy machine) moves the average
+            # at most as much as a 3x sample would
+            seconds = min(max(seconds, old / 3), 3 * old)
             self._tokens[b] = (1 - a) * self._tokens[b] + a * tokens
             self._seconds[b] = (1 - a) * old + a * seconds
             if old > 0:
