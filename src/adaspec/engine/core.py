@@ -49,7 +49,7 @@ from adaspec.verify import SpecStats, VerifyResult, verify
 
 __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
 
-# with the auto budget, a run of plain steps re-probes speculation (a short chain) after this
+# with the auto budget, a run of plain steps re-probes speculation (a chain) after this
 # many plain steps; each probe that does not pay doubles the interval, up to _PROBE_MAX
 _PROBE_EVERY = 8
 _PROBE_MAX = 128
@@ -533,9 +533,11 @@ class Engine:
             # the last step speculated and no longer pays: probe half as often from now on
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
         if self._plain_streak >= self._probe_every:
-            # re-probe with a short chain, so that stale or noisy estimates (of the draft's
-            # cost above all, measured only when it drafts) cannot rule speculation out for good
-            return min(depth, 2), 1
+            # re-probe with a chain, only where a draft as good as the prior could pay: a
+            # probe is costly at large batches (the draft first catches up on every prompt)
+            _, k, w = best(True, [1])
+            if k > 0:
+                return k, w
         return 0, width
 
     def _warmup(self) -> None:
