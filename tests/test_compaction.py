@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from adaspec.kernels import compact_kv
+from adaspec.kernels import compact_kv, compact_kv_layers
 from adaspec.tree import TokenTree, path_to
 
 
@@ -57,6 +57,38 @@ def test_matches_python_loop_and_length_invariant(N: int, dtype: torch.dtype) ->
             n = want_lens[r]
             assert torch.equal(k[r, :, :n], want_k[r, :, :n])
             assert torch.equal(v[r, :, :n], want_v[r, :, :n])
+
+
+def test_layers_match_python_loop_and_chains_move_nothing() -> None:
+    gen = torch.Generator().manual_seed(3)
+    R, H, D, N = 4, 2, 4, 12
+    lens = torch.tensor([0, 5, 2, 9])
+    S = int(lens.max()) + N + 1
+    layers = [(torch.randn(R, H, S, D, generator=gen), torch.randn(R, H, S, D, generator=gen))]
+    layers.append((torch.randn(R, H, S + 3, D, generator=gen), torch.randn(R, H, S + 3, D)))
+    for trial in range(6):
+        accepted = random_accepted(R, N, gen)
+        want = [
+            (python_compact(k, lens, accepted), python_compact(v, lens, accepted))
+            for k, v in layers
+        ]
+        new_lens = compact_kv_layers(layers, lens, accepted)
+        for (k, v), ((wk, wl), (wv, _)) in zip(layers, want, strict=True):
+            assert new_lens.tolist() == wl, trial
+            for r in range(R):
+                assert torch.equal(k[r, :, : wl[r]], wk[r, :, : wl[r]])
+                assert torch.equal(v[r, :, : wl[r]], wv[r, :, : wl[r]])
+    # a chain accepted from its first node on is already in place: nothing is written
+    frozen = [(k.clone(), v.clone()) for k, v in layers]
+    chain = torch.tensor([[1, 2, -1], [-1, -1, -1], [1, 2, 3], [1, -1, -1]])
+    assert compact_kv_layers(layers, lens, chain).tolist() == [3, 6, 6, 11]
+    for (k, v), (k0, v0) in zip(layers, frozen, strict=True):
+        assert torch.equal(k, k0)
+        assert torch.equal(v, v0)
+    with pytest.raises(ValueError, match="at least one"):
+        compact_kv_layers([], lens, chain)
+    with pytest.raises(ValueError, match="every layer"):
+        compact_kv_layers([*layers, (torch.zeros(R + 1, H, S, D),) * 2], lens, chain)
 
 
 def test_no_accepted_columns_and_all_rejected() -> None:

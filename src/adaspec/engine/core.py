@@ -53,15 +53,16 @@ __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "Ru
 # many plain steps; each probe that does not pay doubles the interval, up to _PROBE_MAX
 _PROBE_EVERY = 8
 _PROBE_MAX = 128
-# before any verification, the plan assumes each beam level keeps the accepted path alive
-# with this probability (one pseudo-observation; top-1 agreement of the shipped bfloat16
-# drafts with their targets is 0.93-0.97, of int8 ones 0.49-0.69)
-_PRIOR_REACH = 0.8
-# weight of the past in the measured speculative rate (about the last 5 speculative steps)
-_SPEC_DECAY = 0.8
+# acceptance: each drafted level the accepted path reaches is one trial, kept when the
+# target accepts its token. Before any verification the plan assumes this acceptance rate,
+# worth _PRIOR_WEIGHT trials (top-1 agreement of the shipped bfloat16 drafts with their
+# targets is 0.93-0.97, of int8 ones 0.49-0.69)
+_PRIOR_ACCEPT = 0.8
+_PRIOR_WEIGHT = 4.0
+# weight of the past in the acceptance counts and in the measured step overheads, per step
+_STATS_DECAY = 0.9
 # speculation is chosen only when the model predicts this much more than plain decoding
-# (its estimates are noisy, and the first speculative step also catches the draft up)
-_MARGIN = 1.1
+_MARGIN = 1.05
 # a draft backlog longer than this (prompts, many plain steps) is forwarded on its own
 _CATCH_UP_MIN = 8
 
@@ -309,16 +310,15 @@ class Engine:
         self._next_id = 0
         if self.config.warmup:
             self._warmup()
-        # per beam level k: requests drafted that deep, and how many accepted paths reached k
-        # (row 0: chains, row 1: wider beams, whatever width adaptive_shape gave them)
-        self._reach_trials = torch.zeros(2, max(1, self.config.depth), dtype=torch.float64)
-        self._reach_hits = torch.zeros(2, max(1, self.config.depth), dtype=torch.float64)
+        # decayed acceptance counts per beam kind (index 0: chains, 1: wider beams): drafted
+        # levels the accepted path reached, and how many of them the target accepted
+        self._accept_trials = torch.zeros(2, dtype=torch.float64)
+        self._accept_hits = torch.zeros(2, dtype=torch.float64)
+        # decayed mean seconds a step spends outside the draft and target forwards
+        # (selection, verification, commits): index 0 plain steps, 1 speculative ones
+        self._overhead = [0.0, 0.0]
         self._plain_streak = 0  # plain steps since the last speculative one
         self._probe_every = _PROBE_EVERY
-        # emitted tokens and seconds of recent speculative steps (decayed sums; their ratio
-        # is the measured rate, pooled so that one unlucky step does not veto speculation)
-        self._spec_tokens = 0.0
-        self._spec_seconds = 0.0
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -490,54 +490,67 @@ class Engine:
 
         With the auto budget, each depth d and each width w in {1 (a chain), ``width``} is
         scored from measurements: the draft costs d levels of the draft latency model at
-        R w tokens, verification the target latency model at about R (d + 1) tokens, and a
-        request emits 1 + Σ_{k<=d} P(accepted path reaches k), counted per width from past
-        verifications (before any, from a prior of 0.8 per level). Per-request time per
-        token follows the same ratio, so this choice also serves the SLOs best. The choice
-        is vetoed while measured speculative steps deliver fewer tokens per second than
-        plain decoding; then a cheap chain is probed now and then (exponential back-off)
-        so the estimates stay current.
+        R w tokens, verification the target latency model at R (d + 1) tokens, each kind of
+        step its measured overhead, and a request emits 1 + α + α² + ... + α^d tokens, where
+        α is the measured rate at which the target accepts a drafted level the accepted path
+        reached (per width; before any verification a prior of 0.8 worth four trials).
+        Per-request time per token follows the same ratio, so this choice also serves the
+        SLOs best. Speculating after plain steps first costs a draft catch-up over the tokens
+        the draft has not seen; it is chosen only when the tokens still to come repay it.
+        While plain decoding wins, a cheap chain is probed now and then (exponential
+        back-off) so that α stays current.
         """
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
-        prior = _PRIOR_REACH ** torch.arange(1, depth + 1, dtype=torch.float64)
         d = torch.arange(depth + 1, dtype=torch.float64)
+        powers = torch.arange(depth + 1, dtype=torch.float64)
         verify_s = self.verify_latency.predict(R * (d + 1))  # [depth + 1]
-        plain_rate = R / max(float(verify_s[0]), 1e-9)
+        plain_s = max(float(verify_s[0]) + self._overhead[0], 1e-9)
+        plain_rate = R / plain_s
+        # the draft's one-off catch-up over what it has not seen (prompts, plain steps),
+        # repaid only by the tokens still to come
+        assert self._draft_state is not None
+        backlog = int((self._draft_state.backlog >= 0).sum(1).max())
+        catch_up_s = 0.0
+        if backlog > _CATCH_UP_MIN and self.draft_latency.observed:
+            catch_up_s = float(self.draft_latency.predict(R * backlog))
+        remaining = sum(r.max_new_tokens - len(r.output) for r in self._active)
+        spec_overhead = self._overhead[1] or self._overhead[0]  # before any speculative step
 
-        def best(optimistic: bool, widths: list[int]) -> tuple[float, int, int]:
-            """(expected tokens per second per request, depth, width) of the best shape."""
-            top = (1.0 / max(float(verify_s[0]), 1e-9), 0, widths[0])
+        def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
+            """(depth, width) of the best shape; depth 0 when plain decoding wins."""
+            top_rate, top = _MARGIN * plain_rate, (0, width)
             for w in widths:
                 i = 0 if w == 1 else 1
-                hits, trials = self._reach_hits[i, :depth], self._reach_trials[i, :depth]
-                reach = (hits + prior) / (trials + 1.0)  # one pseudo-observation of the prior
+                alpha = float(
+                    (self._accept_hits[i] + _PRIOR_WEIGHT * _PRIOR_ACCEPT)
+                    / (self._accept_trials[i] + _PRIOR_WEIGHT)
+                )
                 if optimistic:
-                    reach = torch.maximum(reach, prior)
-                gain = torch.cat([torch.zeros(1, dtype=torch.float64), reach.cumsum(0)])
+                    alpha = max(alpha, _PRIOR_ACCEPT)
+                emitted = (alpha**powers).cumsum(0)  # [depth + 1] 1 + α + ... + α^d
                 level = float(self.draft_latency.predict(R * w))
-                rate = (1 + gain) / (d * level + verify_s).clamp(min=1e-9)  # [depth + 1]
-                k = int(rate.argmax())
-                if k > 0 and float(rate[k]) > max(top[0], _MARGIN * float(rate[0])):
-                    top = (float(rate[k]), k, w)
+                seconds = d * level + verify_s + spec_overhead
+                rate = R * emitted / seconds.clamp(min=1e-9)  # [depth + 1]
+                k = int(rate[1:].argmax()) + 1
+                spec_rate = float(rate[k])
+                # the catch-up pays when plain decoding of what remains takes longer than
+                # speculating on it after catching up
+                repaid = remaining / plain_rate > catch_up_s + remaining / spec_rate
+                if spec_rate > top_rate and repaid:
+                    top_rate, top = spec_rate, (k, w)
             return top
 
-        widths = sorted({1, width})
-        _, k, w = best(False, widths)
-        # the model's verdict is checked against what speculative steps really delivered
-        measured = self._spec_tokens / self._spec_seconds if self._spec_seconds > 0 else None
-        if k > 0 and (measured is None or measured >= plain_rate):
+        k, w = best(False, sorted({1, width}))
+        if k > 0:
             self._probe_every = _PROBE_EVERY
             return k, w
         if self._plain_streak == 0 and self.stats.steps > 0:
             # the last step speculated and no longer pays: probe half as often from now on
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
         if self._plain_streak >= self._probe_every:
-            # re-probe with a chain, only where a draft as good as the prior could pay: a
-            # probe is costly at large batches (the draft first catches up on every prompt)
-            _, k, w = best(True, [1])
-            if k > 0:
-                return k, w
+            # re-probe with a chain, where a draft as good as the prior could pay
+            return best(True, [1])
         return 0, width
 
     def _warmup(self) -> None:
@@ -695,18 +708,18 @@ class Engine:
         self.stats.spec = self.stats.spec.update(res, sel.tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
-        # the catch-up is a one-off, and the first speculative step pays first-use costs
-        if tunings() == tuned and not (caught_up and self._spec_seconds == 0):
-            self._spec_tokens = _SPEC_DECAY * self._spec_tokens + sum(counts)
-            self._spec_seconds = _SPEC_DECAY * self._spec_seconds + (t_end - t_beam)
-
-        reached = res.num_accepted.cpu()
-        levels = torch.arange(1, depth + 1)
-        # a level counts as tried only for requests whose selected tree reaches it
-        tried = sel.tree.depth.max(1).values.cpu()  # [R]
-        row = 0 if width == 1 else 1
-        self._reach_trials[row, :depth] += (tried.unsqueeze(1) >= levels).sum(0).double()
-        self._reach_hits[row, :depth] += (reached.unsqueeze(1) >= levels).sum(0).double()
+        # acceptance: each request tried the levels up to the first rejected one (or all it
+        # had selected), and kept the accepted ones
+        accepted = res.num_accepted.double().cpu()  # [R]
+        tried = torch.minimum(accepted + 1, sel.tree.depth.max(1).values.double().cpu())
+        i = 0 if width == 1 else 1
+        self._accept_trials *= _STATS_DECAY
+        self._accept_hits *= _STATS_DECAY
+        self._accept_trials[i] += float(tried.sum())
+        self._accept_hits[i] += float(accepted.sum())
+        self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
+        if caught_up:
+            self.draft_latency.observe(R * backlog.shape[1], t_beam - t_start)
         self._plain_streak = 0
         self.stats.target_tokens += n_tokens
         self.stats.draft_time += t_draft - t_start
@@ -733,11 +746,21 @@ class Engine:
         commit(self._target_state, res.accepted)
         append_backlog(self._draft_state, roots)  # the draft never saw these roots
         self.stats.spec = self.stats.spec.update(res, tree)
+        emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
+        t_end = time.perf_counter()
+        self._observe_overhead(0, t_end - t_verify)
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start
-        self.stats.overhead_time += time.perf_counter() - t_verify
-        return res.emitted.tolist(), res.num_emitted.tolist()
+        self.stats.overhead_time += t_end - t_verify
+        return emitted, counts
+
+    def _observe_overhead(self, kind: int, seconds: float) -> None:
+        """Fold one step's seconds outside the forwards into the decayed mean of its kind."""
+        old = self._overhead[kind]
+        self._overhead[kind] = (
+            seconds if old == 0.0 else _STATS_DECAY * old + (1 - _STATS_DECAY) * seconds
+        )
 
     def _verify(
         self,

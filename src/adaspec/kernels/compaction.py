@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["compact_kv"]
+__all__ = ["compact_kv", "compact_kv_layers"]
 
 
 def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: Tensor) -> Tensor:
@@ -44,12 +46,35 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
     >>> k.flatten()[:5].tolist()
     [0.0, 1.0, 2.0, 4.0, 6.0]
     """
+    return compact_kv_layers([(k_cache, v_cache)], cache_lens, accepted)
+
+
+def compact_kv_layers(
+    caches: Sequence[tuple[Tensor, Tensor]], cache_lens: Tensor, accepted: Tensor
+) -> Tensor:
+    """:func:`compact_kv` over every layer of a model's cache, checking and planning once.
+
+    ``caches``: one ``(k_cache, v_cache)`` pair of ``(R, H, S, D)`` tensors per layer (all
+    with the same R), modified in place; ``cache_lens`` and ``accepted`` as in
+    :func:`compact_kv`. Entries already in place (a chain accepted from its first node on)
+    are not copied at all. Returns the ``(R,)`` int64 new cache lengths.
+    """
+    if not caches:
+        raise ValueError("caches must hold at least one (k_cache, v_cache) pair")
+    k_cache, v_cache = caches[0]
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must both have shape (R, H, S, D), got {tuple(k_cache.shape)} "
             f"and {tuple(v_cache.shape)}"
         )
-    R, _, S, _ = k_cache.shape
+    R = k_cache.shape[0]
+    for k, v in caches:
+        if k.dim() != 4 or v.shape != k.shape or k.shape[0] != R:
+            raise ValueError(
+                f"every layer's caches must have shape ({R}, H, S, D), got {tuple(k.shape)} "
+                f"and {tuple(v.shape)}"
+            )
+    S = min(k.shape[2] for k, _ in caches)  # every layer must hold the moved slots
     if cache_lens.shape != (R,) or cache_lens.dtype.is_floating_point:
         raise ValueError(
             f"cache_lens must be an (R,) = ({R},) integer tensor, got {cache_lens.dtype} {tuple(cache_lens.shape)}"
@@ -73,12 +98,15 @@ def compact_kv(k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor, accepted: T
         raise ValueError(
             "accepted must hold tree node indices >= 1 whose slots lie inside the cache"
         )
-    dst = lens.unsqueeze(1) + 1 + torch.arange(A, device=acc.device)  # [R, A]
-    # padded entries copy the root onto itself: no Python branching, no host sync
-    src = torch.where(valid, lens.unsqueeze(1) + acc, lens.unsqueeze(1))
-    dst = torch.where(valid, dst, lens.unsqueeze(1))
-    rows = torch.arange(R, device=acc.device).unsqueeze(1).expand(R, A)
-    for cache in (k_cache, v_cache):
-        moved = cache[rows, :, src]  # [R, A, H, D] gathered before any write (paths overlap)
-        cache[rows, :, dst] = moved
-    return lens + 1 + valid.sum(1)
+    new_lens = lens + 1 + valid.sum(1)
+    # accepted node i moves from slot lens + i to lens + 1 + (its place on the path); only
+    # the entries that really move are gathered (all before any write: paths overlap)
+    rows, step = (valid & (acc != torch.arange(1, A + 1, device=acc.device))).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return new_lens
+    src = lens[rows] + acc[rows, step]
+    dst = lens[rows] + 1 + step
+    for k, v in caches:
+        for cache in (k, v):
+            cache[rows, :, dst] = cache[rows, :, src]  # [M, H, D] gathered, then written
+    return new_lens

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from adaspec.kernels import compact_kv
+from adaspec.kernels import compact_kv_layers
 from adaspec.tree import TokenTree, ancestor_mask
 
 __all__ = ["KVState", "commit", "prefill", "tree_forward"]
@@ -411,9 +411,9 @@ def commit(state: KVState, accepted: Tensor) -> Tensor:
             f"got {accepted.tolist()}"
         )
     lens = state.lens
-    new_lens = lens + 1 + valid.sum(1)
-    for layer in _layers(state):
-        new_lens = compact_kv(layer.keys, layer.values, lens, accepted)
+    new_lens = compact_kv_layers(
+        [(layer.keys, layer.values) for layer in _layers(state)], lens, accepted
+    )
     state.lens = new_lens
     state.pending = 0
     state.pending_pos = state.pending_pos[:, :0]
