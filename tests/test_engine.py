@@ -54,7 +54,9 @@ def test_greedy_equals_target_generate_exactly_in_float64(pair64, config):
     out = generate(target, draft, PROMPTS, max_new_tokens=20, config=config)
     for prompt, seq in zip(PROMPTS, out.sequences, strict=True):
         assert seq == reference(target, prompt, 20)
-    assert out.stats.spec.num_emitted_tokens.item() >= 4 * 20  # requests cut at length count fully
+    # verification emitted every token but each request's first (its prefill's), and
+    # requests cut at length count fully
+    assert out.stats.spec.num_emitted_tokens.item() >= 4 * (20 - 1)
     if config.budget != "auto" and config.depth:  # auto may decide plain steps are faster here
         assert out.stats.spec.num_accepted_tokens.item() > 0, (
             "the noisy draft should be accepted sometimes"
@@ -199,6 +201,29 @@ def test_max_new_tokens_inside_a_path():
     out = generate(target, target, [PROMPTS[0]], max_new_tokens=2, config=FIXED)
     assert out.sequences[0] == reference(target, PROMPTS[0], 2)
     assert out.stats.requests[0].tokens == 2
+
+
+def test_first_token_comes_from_the_prefill_and_may_end_the_request():
+    target = tiny_model(seed=0).double()
+    full = reference(target, PROMPTS[0], 3)
+    engine = Engine(target, target, config=FIXED)
+    one = engine.add_request(PROMPTS[0], max_new_tokens=1)
+    stopped = engine.add_request(PROMPTS[0], max_new_tokens=5, stop=[full[0]])
+    going = engine.add_request(PROMPTS[0], max_new_tokens=3)
+    outs = engine.step()
+    # one output per request: the two that end at their first token never reach a forward
+    assert sorted(o.request_id for o in outs) == [one, stopped, going]
+    by_id = {o.request_id: o for o in outs}
+    assert (by_id[one].new_tokens, by_id[one].finish_reason) == ([full[0]], "length")
+    assert (by_id[stopped].new_tokens, by_id[stopped].finish_reason) == ([full[0]], "stop")
+    assert by_id[going].new_tokens == full[: len(by_id[going].new_tokens)]
+    assert len(by_id[going].new_tokens) >= 2  # the prefill's token, then this step's
+    while engine.has_unfinished():
+        engine.step()
+    stats = {r.request_id: r for r in engine.stats.requests}
+    assert stats[one].tokens == stats[stopped].tokens == 1
+    assert stats[one].tpot == 0.0  # no decode phase
+    assert stats[going].tokens == 3
 
 
 def test_impossible_slo_completes_and_is_reported_missed(pair64):

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from adaspec.acceptance import Calibrator
+from adaspec.acceptance import Calibrator, probs_from_logits
 from adaspec.engine.batching import (
     append_backlog,
     catch_up,
@@ -151,8 +151,9 @@ class RequestOutput:
 class RequestStats:
     """A request's latency record.
 
-    ``decode_time`` runs from the start of the request's first step to the end of its last
-    (its prefill is not counted: TPOT is a decode-phase target).
+    The first token comes with the prompt's prefill; ``decode_time`` runs from then to the
+    last token, so time per output token is ``decode_time / (tokens - 1)`` (as vLLM counts
+    TPOT: the prefill is not a decode-phase cost).
     """
 
     request_id: int
@@ -164,8 +165,8 @@ class RequestStats:
 
     @property
     def tpot(self) -> float:
-        """Achieved seconds per output token."""
-        return self.decode_time / self.tokens if self.tokens else float("nan")
+        """Achieved seconds per output token after the first (0 for a single token)."""
+        return self.decode_time / (self.tokens - 1) if self.tokens > 1 else 0.0
 
     @property
     def tau(self) -> float:
@@ -174,10 +175,10 @@ class RequestStats:
 
     @property
     def attained(self) -> bool | None:
-        """Whether decode time <= SLO x tokens (None without an SLO)."""
+        """Whether decode time <= SLO x tokens after the first (None without an SLO)."""
         if self.slo is None:
             return None
-        return self.decode_time <= self.slo.tpot * self.tokens
+        return self.decode_time <= self.slo.tpot * max(self.tokens - 1, 0)
 
 
 @dataclass
@@ -429,24 +430,47 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------ batching
-    def _admit(self) -> None:
+    def _admit(self) -> list[RequestOutput]:
+        """Prefill waiting requests into the batch; returns their first tokens."""
         room = self.config.max_batch - len(self._active)
         new: list[_Request] = []
         while self._waiting and len(new) < room:
             new.append(self._waiting.popleft())
         if not new:
-            return
+            return []
         t0 = time.perf_counter()
-        # the whole prompt is prefilled, then its last token is taken back out of the cache:
-        # it is the root of the first tree, forwarded with that tree. The draft catches up
-        # only when it first drafts for these requests.
+        # the prefill's logits give each request its first token, the root of its first
+        # tree (not cached yet, like every root). The draft catches up on the prompt only
+        # when it first drafts for these requests.
         prompts = [r.prompt for r in new]
-        state, _ = prefill(self.target, prompts)
-        drop_last_token(state)
+        state, logits = prefill(self.target, prompts)  # logits [R_new, V]
+        first = self._first_tokens(new, logits)
         self._target_state = concat_states(self._target_state, state)
-        self._draft_state = concat_states(self._draft_state, deferred_state(prompts, self.device))
+        self._draft_state = concat_states(
+            self._draft_state,
+            deferred_state([[*p, t] for p, t in zip(prompts, first, strict=True)], self.device),
+        )
+        start = len(self._active)
         self._active.extend(new)
-        self.stats.prefill_time += time.perf_counter() - t0
+        now = time.perf_counter()
+        self.stats.prefill_time += now - t0
+        for r in new:
+            r.start = now  # the decode clock starts at the first token
+        return self._emit([[t] for t in first], [1] * len(new), rows=range(start, start + len(new)))
+
+    def _first_tokens(self, reqs: list[_Request], logits: Tensor) -> list[int]:
+        """Each request's first token from its prefill logits (argmax, or a draw)."""
+        tokens = logits.argmax(-1)  # [R]
+        for i, r in enumerate(reqs):
+            if r.temperature > 0:
+                probs = probs_from_logits(
+                    logits[i : i + 1], r.temperature, r.top_k or None, r.top_p
+                ).double()  # [1, V]
+                u = torch.rand(1, generator=r.generator, device=self.device, dtype=torch.float64)
+                cdf = probs.cumsum(-1)
+                pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # P(i) = probs[i]
+                tokens[i] = pick.clamp(max=cdf.shape[-1] - 1)[0, 0]
+        return [int(t) for t in tokens.tolist()]
 
     def _finish(self, rows: list[int]) -> None:
         keep = [i for i in range(len(self._active)) if i not in set(rows)]
@@ -606,14 +630,14 @@ class Engine:
         return max(int(budgets[i_best]), min(floor, upper, limit))
 
     def step(self) -> list[RequestOutput]:
-        """Run one step over every live request; returns what each produced in it."""
-        self._admit()
+        """Run one step over every live request; returns what each produced in it.
+
+        Requests admitted in this step get their first token from their prefill, then take
+        part in the step like the others; each request appears at most once in the result.
+        """
+        first = self._admit()
         if not self._active:
-            return []
-        now = time.perf_counter()
-        for r in self._active:
-            if r.start is None:
-                r.start = now
+            return first
         depth, width = self._beam_shape(len(self._active))
         depth, width = self._plan_shape(len(self._active), depth, width)
         if depth > 0:
@@ -621,7 +645,18 @@ class Engine:
         else:
             emitted, counts = self._plain_step()
         self.stats.steps += 1
-        return self._emit(emitted, counts)
+        outputs = self._emit(emitted, counts)
+        if not first:
+            return outputs
+        merged = {o.request_id: o for o in first}
+        for o in outputs:
+            early = merged.get(o.request_id)
+            if early is not None:
+                o = RequestOutput(
+                    o.request_id, early.new_tokens + o.new_tokens, o.finished, o.finish_reason
+                )
+            merged[o.request_id] = o
+        return list(merged.values())
 
     def _speculative_step(self, depth: int, width: int) -> tuple[list[list[int]], list[int]]:
         assert self._target_state is not None
@@ -784,12 +819,16 @@ class Engine:
             tree, logits, temperature=temperature, top_k=top_k, top_p=top_p, uniforms=uniforms
         )
 
-    def _emit(self, emitted: list[list[int]], counts: list[int]) -> list[RequestOutput]:
-        """Hand out each request's new tokens, ending requests exactly at stop tokens or length."""
+    def _emit(
+        self, emitted: list[list[int]], counts: list[int], rows: Iterable[int] | None = None
+    ) -> list[RequestOutput]:
+        """Hand out new tokens to the live requests (or to ``rows`` of them, in order), ending
+        requests exactly at stop tokens or length."""
         now = time.perf_counter()
         outputs, done = [], []
-        for i, req in enumerate(self._active):
-            new = emitted[i][: counts[i]]
+        for j, i in enumerate(range(len(self._active)) if rows is None else rows):
+            req = self._active[i]
+            new = emitted[j][: counts[j]]
             reason = None
             stop_at = next((j for j, tok in enumerate(new) if tok in req.stop), None)
             if stop_at is not None:
@@ -826,6 +865,7 @@ class Engine:
             [now - (r.start if r.start is not None else now) for r in self._active],
             dtype=torch.float64,
         )
-        decoded = torch.tensor([len(r.output) for r in self._active], dtype=torch.float64)
+        # the clock starts at the first token
+        decoded = torch.tensor([len(r.output) - 1 for r in self._active], dtype=torch.float64)
         need = tokens_needed(torch.where(has, tpot, 1.0), elapsed, decoded, predicted, depth)
         return torch.where(has, need, 1.0)
