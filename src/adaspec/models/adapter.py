@@ -134,13 +134,16 @@ def _forward_block(
     positions: Tensor,
     visible: Tensor,
     logits_at: Tensor | None = None,
+    row_last: Tensor | None = None,
 ) -> Tensor:
     """Forward Q new nodes per request after the prefix and the ``pending`` nodes.
 
     ``tokens``, ``positions``: (R, Q) int64. ``visible``: (R, Q, pending + Q) bool, which of
     the pending nodes and of the new nodes each new node attends to (the prefix is always
     visible). Returns logits (R, Q, V) float32, or (R, K, V) at the K query indices
-    ``logits_at`` (1-D int64) only, which skips most of a large vocabulary's projection.
+    ``logits_at`` (1-D int64) only, which skips most of a large vocabulary's projection,
+    or (R, 1, V) at each request's own query index ``row_last`` ((R,) int64): only R rows are
+    projected, however different the requests' lengths.
     Afterwards the new nodes are pending nodes
     ``pending .. pending + Q - 1`` in the layout of the module docstring.
     """
@@ -188,15 +191,29 @@ def _forward_block(
             else {"full_attention": additive(vis), "sliding_attention": slide}
         )
 
-    with torch.no_grad():
-        out = model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=state.cache,
-            use_cache=True,
-            logits_to_keep=0 if logits_at is None else logits_at,
-        )
+    head = _output_head(model) if row_last is not None else None
+    handle = None
+    if head is not None:
+        assert row_last is not None
+        rows = torch.arange(R, device=dev)
+
+        def pick_rows(_: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return (args[0][rows, row_last].unsqueeze(1), *args[1:])  # [R, 1, H]
+
+        handle = head.register_forward_pre_hook(pick_rows)
+    try:
+        with torch.no_grad():
+            out = model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=state.cache,
+                use_cache=True,
+                logits_to_keep=0 if logits_at is None or head is not None else logits_at,
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
     # move the new entries from the end (slot P + q) to lens[r] + pend + q
     if bool((lens != lens.max()).any()):
         dst = lens.unsqueeze(1) + pend + torch.arange(Q, device=dev)  # [R, Q]
@@ -211,6 +228,13 @@ def _forward_block(
     # the cache is now max(lens) + pending long: no slot past it was written
     logits: Tensor = out.logits.float()  # [R, Q, V]
     return logits
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The module that projects hidden states to logits (transformers' output embeddings)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
 
 
 def _crop(state: KVState) -> None:
@@ -268,10 +292,14 @@ def _extend(
     # padding positions see only themselves: no row of the mask is empty
     visible = (causal.unsqueeze(0) & real.unsqueeze(1)) | torch.eye(C, dtype=torch.bool, device=dev)
     positions = state.lens.unsqueeze(1) + k  # [R, C]
-    # only each chain's last position needs logits: project those (K <= R distinct indices)
-    last, which = torch.unique(counts - 1, return_inverse=True)
-    logits = _forward_block(model, state, chains, positions, visible, last)  # [R, K, V]
-    out = logits[torch.arange(R, device=dev), which]  # [R, V]
+    # only each chain's last position needs logits: project those rows alone (or, for a
+    # model without an output-embedding module, the K <= R distinct last indices)
+    if _output_head(model) is not None:
+        out = _forward_block(model, state, chains, positions, visible, row_last=counts - 1)[:, 0]
+    else:
+        last, which = torch.unique(counts - 1, return_inverse=True)
+        logits = _forward_block(model, state, chains, positions, visible, last)  # [R, K, V]
+        out = logits[torch.arange(R, device=dev), which]  # [R, V]
     if keep_last:
         state.lens = state.lens + counts - 1
         state.pending = 1
