@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adaspec.models import make_draft, prefill, tiny_model, tree_forward
-from adaspec.models.fast import FastLinear, optimize_for_cpu, plain_linears, tunings
+from adaspec.models.fast import (
+    FastLinear,
+    Int8Linear,
+    int8_linears,
+    optimize_for_cpu,
+    plain_linears,
+    tunings,
+)
 from adaspec.models.vocab import SubsetHead, frequent_tokens, stdlib_token_counts
 from adaspec.tree import TokenTree
 
@@ -118,7 +127,7 @@ def test_subset_head_scores_only_its_tokens() -> None:
 def test_draft_with_a_vocabulary_only_proposes_it() -> None:
     target = tiny_model(seed=0)
     vocab = torch.arange(0, 101, 2)
-    for kind in ("bf16", "int8"):
+    for kind in ("bf16", "int8w", "int8"):
         draft = make_draft(target, kind, vocab=vocab)
         with torch.no_grad():
             logits = draft(torch.tensor([[1, 2, 3]])).logits
@@ -126,6 +135,54 @@ def test_draft_with_a_vocabulary_only_proposes_it() -> None:
         assert bool(torch.isfinite(logits[..., ::2]).all())
     with pytest.raises(ValueError, match="kind"):
         make_draft(target, "fp8")
+
+
+@pytest.mark.parametrize("sizes", [(64, 96), (40, 24)], ids=["kernel", "dense-only"])
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 2), (8,), (5, 9)])
+def test_int8_linear_equals_its_dequantized_weights(
+    sizes: tuple[int, int], rows: tuple[int, ...]
+) -> None:
+    torch.manual_seed(1)
+    IN_, OUT_ = sizes
+    lin = nn.Linear(IN_, OUT_).requires_grad_(False)
+    q = Int8Linear(lin)
+    assert q.qweight.dtype == torch.int8
+    assert q.scales.shape == (OUT_,)
+    assert q.scales.dtype == torch.bfloat16
+    # per output channel: the largest weight maps to +-127 and every weight is off by at
+    # most half a step (the scale itself rounded to bfloat16 adds < 0.4 %)
+    step = lin.weight.abs().amax(1, keepdim=True) / 127
+    assert bool((q.qweight.abs().amax(1) == 127).all())
+    deq = q.qweight.float() * q.scales.float().unsqueeze(1)
+    assert bool(((deq - lin.weight).abs() <= 0.51 * step + 0.004 * lin.weight.abs()).all())
+    x = torch.randn(*rows, IN_)
+    with torch.no_grad():
+        y = q(x)
+    assert y.shape == (*rows, OUT_)
+    assert y.dtype == torch.float32
+    # both paths (int8 kernel up to 4 rows, bfloat16 oneDNN beyond) compute x @ deq.T + b
+    want = F.linear(x, deq, lin.bias)
+    torch.testing.assert_close(y, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="features"):
+        q(torch.randn(2, IN_ + 1))
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
+        Int8Linear(q)  # type: ignore[arg-type]
+
+
+def test_int8_linears_replace_every_linear_and_keep_logits_close() -> None:
+    model = tiny_model(seed=3)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).logits
+    q = int8_linears(copy.deepcopy(model))
+    assert not any(type(m) is nn.Linear for m in q.modules())
+    with torch.no_grad():
+        after = q(ids).logits
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() >= 0.75
+    draft = make_draft(model, "int8w")
+    assert any(isinstance(m, Int8Linear) for m in draft.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(draft(ids).logits, after)  # the same quantization
 
 
 def test_frequent_tokens_and_stdlib_counts() -> None:
@@ -156,7 +213,6 @@ def test_plain_linears_undoes_the_optimization_and_drafts_of_optimized_targets()
 
 
 def test_replaced_cast_or_copied_weights_never_use_stale_copies() -> None:
-    import copy
 
     fast = FastLinear(nn.Linear(16, 24).requires_grad_(False))
     x = torch.randn(2, 16)

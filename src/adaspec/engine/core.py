@@ -56,13 +56,18 @@ _PROBE_MAX = 128
 # acceptance: each drafted level the accepted path reaches is one trial, kept when the
 # target accepts its token. Before any verification the plan assumes this acceptance rate,
 # worth _PRIOR_WEIGHT trials (top-1 agreement of the shipped bfloat16 drafts with their
-# targets is 0.93-0.97, of int8 ones 0.49-0.69)
-_PRIOR_ACCEPT = 0.8
+# targets is 0.93-0.97, of int8 ones 0.49-0.69: a poor draft is found out in a few steps)
+_PRIOR_ACCEPT = 0.9
 _PRIOR_WEIGHT = 4.0
 # weight of the past in the acceptance counts and in the measured step overheads, per step
 _STATS_DECAY = 0.9
 # speculation is chosen only when the model predicts this much more than plain decoding
 _MARGIN = 1.05
+# a speculative step takes longer than its forwards' latency models predict (tree growth
+# and masks, the draft's first level also forwarding accepted tokens): measured steps
+# correct the plan by their ratio to the prediction, which starts here (1.12-1.25 measured
+# on the shipped pairs at batch 4)
+_SPEC_TIME_PRIOR = 1.15
 # a draft backlog longer than this (prompts, many plain steps) is forwarded on its own
 _CATCH_UP_MIN = 8
 
@@ -264,6 +269,11 @@ class _Request:
         )
 
 
+def _mean(old: float, new: float) -> float:
+    """A decayed mean: ``new`` if nothing was measured yet (``old == 0``)."""
+    return new if old == 0.0 else _STATS_DECAY * old + (1 - _STATS_DECAY) * new
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -318,6 +328,13 @@ class Engine:
         # decayed mean seconds a step spends outside the draft and target forwards
         # (selection, verification, commits): index 0 plain steps, 1 speculative ones
         self._overhead = [0.0, 0.0]
+        # seconds per (padded) token of the target's prefills and of the draft's catch-ups
+        # (the one-off price of speculating after plain steps); 0 until measured
+        self._prefill_per_token = 0.0
+        self._catch_up_per_token = 0.0
+        # measured / predicted seconds of speculative steps, and the current plan's prediction
+        self._spec_time_ratio = _SPEC_TIME_PRIOR
+        self._predicted: float | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         self._probe_every = _PROBE_EVERY
 
@@ -454,6 +471,8 @@ class Engine:
         self._active.extend(new)
         now = time.perf_counter()
         self.stats.prefill_time += now - t0
+        padded = len(new) * max(len(p) for p in prompts)
+        self._prefill_per_token = _mean(self._prefill_per_token, (now - t0) / padded)
         for r in new:
             r.start = now  # the decode clock starts at the first token
         return self._emit([[t] for t in first], [1] * len(new), rows=range(start, start + len(new)))
@@ -515,14 +534,15 @@ class Engine:
         With the auto budget, each depth d and each width w in {1 (a chain), ``width``} is
         scored from measurements: the draft costs d levels of the draft latency model at
         R w tokens, verification the target latency model at R (d + 1) tokens, each kind of
-        step its measured overhead, and a request emits 1 + α + α² + ... + α^d tokens, where
-        α is the measured rate at which the target accepts a drafted level the accepted path
-        reached (per width; before any verification a prior of 0.8 worth four trials).
-        Per-request time per token follows the same ratio, so this choice also serves the
-        SLOs best. Speculating after plain steps first costs a draft catch-up over the tokens
-        the draft has not seen; it is chosen only when the tokens still to come repay it.
-        While plain decoding wins, a cheap chain is probed now and then (exponential
-        back-off) so that α stays current.
+        step its measured overhead, all scaled by how much longer speculative steps really
+        took than so predicted; a request emits 1 + α + α² + ... + α^d tokens, where α is the
+        measured rate at which the target accepts a drafted level the accepted path reached
+        (per width; before any verification a prior of 0.9 worth four trials). Per-request
+        time per token follows the same ratio, so this choice also serves the SLOs best.
+        Speculating after plain steps first costs a draft catch-up over the tokens the draft
+        has not seen; it is chosen only when the tokens still to come repay it. While plain
+        decoding wins, a chain is probed now and then (exponential back-off) where an upper
+        confidence bound of α says it could pay, so that α stays current.
         """
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
@@ -537,24 +557,35 @@ class Engine:
         backlog = int((self._draft_state.backlog >= 0).sum(1).max())
         catch_up_s = 0.0
         if backlog > _CATCH_UP_MIN and self.draft_latency.observed:
-            catch_up_s = float(self.draft_latency.predict(R * backlog))
+            per_token = self._catch_up_per_token
+            if per_token == 0.0:  # not measured yet: the target's prefill, scaled by the
+                # draft's cost relative to the target's at the largest warm-up size
+                n = 32 * R
+                ratio = self.draft_latency.predict(n) / self.verify_latency.predict(n).clamp(
+                    min=1e-9
+                )
+                per_token = self._prefill_per_token * float(ratio)
+            catch_up_s = R * backlog * per_token
         remaining = sum(r.max_new_tokens - len(r.output) for r in self._active)
         spec_overhead = self._overhead[1] or self._overhead[0]  # before any speculative step
 
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
             top_rate, top = _MARGIN * plain_rate, (0, width)
+            self._predicted = None
             for w in widths:
                 i = 0 if w == 1 else 1
                 alpha = float(
                     (self._accept_hits[i] + _PRIOR_WEIGHT * _PRIOR_ACCEPT)
                     / (self._accept_trials[i] + _PRIOR_WEIGHT)
                 )
-                if optimistic:
-                    alpha = max(alpha, _PRIOR_ACCEPT)
+                if optimistic:  # an upper confidence bound: few trials, much doubt
+                    n = float(self._accept_trials[i]) + _PRIOR_WEIGHT
+                    alpha = min(alpha + (alpha * (1 - alpha) / n) ** 0.5, 1.0)
                 emitted = (alpha**powers).cumsum(0)  # [depth + 1] 1 + α + ... + α^d
                 level = float(self.draft_latency.predict(R * w))
-                seconds = d * level + verify_s + spec_overhead
+                predicted = d * level + verify_s + spec_overhead
+                seconds = self._spec_time_ratio * predicted
                 rate = R * emitted / seconds.clamp(min=1e-9)  # [depth + 1]
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
@@ -563,6 +594,7 @@ class Engine:
                 repaid = remaining / plain_rate > catch_up_s + remaining / spec_rate
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
+                    self._predicted = float(predicted[k])  # the plan's forwards + overhead
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -573,7 +605,7 @@ class Engine:
             # the last step speculated and no longer pays: probe half as often from now on
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
         if self._plain_streak >= self._probe_every:
-            # re-probe with a chain, where a draft as good as the prior could pay
+            # re-probe with a chain, where the acceptance rate's upper bound could pay
             return best(True, [1])
         return 0, width
 
@@ -753,8 +785,13 @@ class Engine:
         self._accept_trials[i] += float(tried.sum())
         self._accept_hits[i] += float(accepted.sum())
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
+        if self._predicted is not None and tunings() == tuned:
+            ratio = (t_end - t_beam) / max(self._predicted, 1e-9)
+            self._spec_time_ratio = _mean(self._spec_time_ratio, min(max(ratio, 0.5), 3.0))
+            self._predicted = None
         if caught_up:
-            self.draft_latency.observe(R * backlog.shape[1], t_beam - t_start)
+            seconds = (t_beam - t_start) / (R * backlog.shape[1])
+            self._catch_up_per_token = _mean(self._catch_up_per_token, seconds)
         self._plain_streak = 0
         self.stats.target_tokens += n_tokens
         self.stats.draft_time += t_draft - t_start
@@ -792,10 +829,7 @@ class Engine:
 
     def _observe_overhead(self, kind: int, seconds: float) -> None:
         """Fold one step's seconds outside the forwards into the decayed mean of its kind."""
-        old = self._overhead[kind]
-        self._overhead[kind] = (
-            seconds if old == 0.0 else _STATS_DECAY * old + (1 - _STATS_DECAY) * seconds
-        )
+        self._overhead[kind] = _mean(self._overhead[kind], seconds)
 
     def _verify(
         self,

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FastLinear", "optimize_for_cpu", "plain_linears", "tunings"]
+__all__ = [
+    "FastLinear",
+    "Int8Linear",
+    "int8_linears",
+    "optimize_for_cpu",
+    "plain_linears",
+    "tunings",
+]
 
 Way = Literal["linear", "packed", "blocked", "transposed"]
 
@@ -36,6 +43,7 @@ _BLOCK = 4096  # output rows per block of the "blocked" way
 _LARGE = 1 << 22  # weights with at least this many elements also try blocked / transposed
 _MAX_TUNED_ROWS = 32  # more rows: a compute-bound GEMM, where oneDNN's packed one is taken
 _TRANSPOSED_MAX_ROWS = 3  # measured: the transposed layout loses from 4 rows on
+_INT8_MAX_ROWS = 4  # measured: torch's int8 weight-only kernel loses to oneDNN bf16 from 8 rows
 _PLANS: dict[tuple[int, int, torch.dtype, bool, int], Way] = {}  # shared by equal shapes
 _TUNINGS = [0]
 
@@ -212,6 +220,80 @@ class FastLinear(nn.Module):
         return {k[4]: way for k, way in _PLANS.items() if k[:4] == mine}
 
 
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights, one bfloat16 scale per output channel (for drafts).
+
+    Decoding a few tokens on a CPU streams every weight once per forward: int8 halves the
+    bytes of bfloat16. Up to 4 rows run torch's int8 weight-only kernel
+    (``torch._weight_int8pack_mm``, bfloat16 activations; layers whose sizes are multiples
+    of 32); more rows, where that kernel is slower than oneDNN, run a :class:`FastLinear`
+    over the dequantized weights in bfloat16. Both compute with the same quantized weights, up to bfloat16 rounding of the
+    dequantized copy, so a token's logits may differ in the last bits with the number of
+    tokens forwarded alongside it (harmless in a draft: verification is exact).
+
+    Parameters
+    ----------
+    linear : nn.Linear
+        The layer to quantize (symmetric, per output channel: scale = max |w| / 127); it is
+        not modified.
+
+    ``forward(x)``: (..., in) -> (..., out) in x's dtype. Off the CPU, or with autograd
+    recording, it runs ``F.linear`` on the dequantized weights.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        with torch.no_grad():
+            w = linear.weight.detach().float()
+            scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # [out]
+            q = (w / scales.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+            dense = nn.Linear(
+                self.in_features,
+                self.out_features,
+                bias=linear.bias is not None,
+                dtype=torch.bfloat16,
+                device=w.device,
+            )
+            dense.weight.copy_(q.float() * scales.float().unsqueeze(1))
+            if linear.bias is not None and dense.bias is not None:
+                dense.bias.copy_(linear.bias.detach())
+        dense.requires_grad_(False)
+        self.qweight: Tensor
+        self.scales: Tensor
+        self.register_buffer("qweight", q)  # [out, in] int8
+        self.register_buffer("scales", scales)  # [out] bfloat16
+        self.dense = FastLinear(dense)
+        # torch's int8 kernel returns garbage for some shapes (e.g. 24 output channels):
+        # it is used only where both sizes are multiples of 32, as in every shipped model
+        self._kernel = self.in_features % 32 == 0 and self.out_features % 32 == 0
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (
+            self._kernel
+            and 0 < rows <= _INT8_MAX_ROWS
+            and x.device.type == "cpu"
+            and x.dtype.is_floating_point
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            flat = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)  # [rows, out]
+            if self.dense.bias is not None:
+                y = y + self.dense.bias
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        out: Tensor = self.dense(x)
+        return out
+
+
 def optimize_for_cpu(model: nn.Module, *, transposed_copy: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` by a :class:`FastLinear`, in place.
 
@@ -255,6 +337,19 @@ def wrap_linears(model: nn.Module, *, transposed_copy: bool = True) -> nn.Module
             setattr(model, name, FastLinear(child, transposed_copy=transposed_copy))
         else:
             wrap_linears(child, transposed_copy=transposed_copy)
+    return model
+
+
+def int8_linears(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8Linear`, in place.
+
+    Tied weights are untied (each layer keeps its own int8 copy). Returns the same model.
+    """
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear:
+            setattr(model, name, Int8Linear(child))
+        else:
+            int8_linears(child)
     return model
 
 
