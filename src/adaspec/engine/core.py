@@ -332,9 +332,10 @@ class Engine:
         # (the one-off price of speculating after plain steps); 0 until measured
         self._prefill_per_token = 0.0
         self._catch_up_per_token = 0.0
-        # measured / predicted seconds of speculative steps, and the current plan's prediction
+        # measured / predicted seconds of speculative steps, and the draft level's predicted
+        # seconds in the current plan
         self._spec_time_ratio = _SPEC_TIME_PRIOR
-        self._predicted: float | None = None
+        self._planned_level: float | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         self._probe_every = _PROBE_EVERY
 
@@ -572,7 +573,7 @@ class Engine:
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
             top_rate, top = _MARGIN * plain_rate, (0, width)
-            self._predicted = None
+            self._planned_level = None
             for w in widths:
                 i = 0 if w == 1 else 1
                 alpha = float(
@@ -594,7 +595,7 @@ class Engine:
                 repaid = remaining / plain_rate > catch_up_s + remaining / spec_rate
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
-                    self._predicted = float(predicted[k])  # the plan's forwards + overhead
+                    self._planned_level = level
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -785,10 +786,16 @@ class Engine:
         self._accept_trials[i] += float(tried.sum())
         self._accept_hits[i] += float(accepted.sum())
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
-        if self._predicted is not None and tunings() == tuned:
-            ratio = (t_end - t_beam) / max(self._predicted, 1e-9)
+        if self._planned_level is not None and tunings() == tuned:
+            # what the models predict for the levels really grown and nodes really verified
+            predicted = (
+                forwards * self._planned_level
+                + float(self.verify_latency.predict(n_tokens))
+                + (self._overhead[1] or self._overhead[0])
+            )
+            ratio = (t_end - t_beam) / max(predicted, 1e-9)
             self._spec_time_ratio = _mean(self._spec_time_ratio, min(max(ratio, 0.5), 3.0))
-            self._predicted = None
+            self._planned_level = None
         if caught_up:
             seconds = (t_beam - t_start) / (R * backlog.shape[1])
             self._catch_up_per_token = _mean(self._catch_up_per_token, seconds)
