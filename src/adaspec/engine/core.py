@@ -61,8 +61,9 @@ _PRIOR_ACCEPT = 0.9
 _PRIOR_WEIGHT = 4.0
 # weight of the past in the acceptance counts and in the measured step overheads, per step
 _STATS_DECAY = 0.9
-# speculation is chosen only when the model predicts this much more than plain decoding
-_MARGIN = 1.05
+# speculation is chosen only when the model predicts this much more than plain decoding,
+# catch-up included (its terms are measured, but single steps vary by about 10 %)
+_MARGIN = 1.1
 # a speculative step takes longer than its forwards' latency models predict (tree growth
 # and masks, the draft's first level also forwarding accepted tokens): measured steps
 # correct the plan by their ratio to the prediction, which starts here (1.12-1.25 measured
@@ -591,8 +592,8 @@ class Engine:
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 # the catch-up pays when plain decoding of what remains takes longer than
-                # speculating on it after catching up
-                repaid = remaining / plain_rate > catch_up_s + remaining / spec_rate
+                # speculating on it after catching up (by the same margin)
+                repaid = remaining / plain_rate > _MARGIN * (catch_up_s + remaining / spec_rate)
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
                     self._planned_level = level

@@ -179,8 +179,13 @@ def _forward_block(
     def additive(v: Tensor) -> Tensor:
         return torch.zeros(v.shape, dtype=dtype, device=dev).masked_fill_(~v, hidden).unsqueeze(1)
 
-    mask: Tensor | dict[str, Tensor]
-    if window is None:
+    mask: Tensor | dict[str, Tensor] | None
+    near_all = window is None or bool((positions.unsqueeze(2) - kv_pos.unsqueeze(1) < window).all())
+    if Q == 1 and near_all and bool(vis.all()):
+        # one new token per request that sees the whole cache (a decode step without
+        # padding): the model's own causal mask is this, and attention skips the mask
+        mask = None
+    elif window is None:
         mask = additive(vis)  # [R, 1, Q, P + Q]
     else:
         near = positions.unsqueeze(2) - kv_pos.unsqueeze(1) < window  # [R, Q, P + Q]

@@ -101,10 +101,12 @@ class FastLinear(nn.Module):
         self.transposed_copy = transposed_copy
         self._copies: dict[str, Tensor] = {}
         self._source: tuple[int, torch.dtype, int, int] | None = None  # what _copies are of
+        self._chosen: dict[int, Callable[[Tensor], Tensor]] = {}  # rows -> way, this weight
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
         state["_copies"], state["_source"] = {}, None  # copies are rebuilt on first use
+        state["_chosen"] = {}
         return state
 
     def extra_repr(self) -> str:
@@ -125,10 +127,13 @@ class FastLinear(nn.Module):
             raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
         source = (id(w), w.dtype, w.data_ptr(), w._version)
         if source != self._source:  # a new, moved, cast or updated weight: copies are stale
-            self._copies, self._source = {}, source
+            self._copies, self._source, self._chosen = {}, source, {}
         rows = x.numel() // max(x.shape[-1], 1)
-        way = self._plan(rows) if 0 < rows <= _MAX_TUNED_ROWS else "packed"
-        y = self._ways()[way](x.to(w.dtype))  # bf16 weights: bf16 activations
+        run = self._chosen.get(rows)
+        if run is None:
+            way = self._plan(rows) if 0 < rows <= _MAX_TUNED_ROWS else "packed"
+            run = self._chosen[rows] = self._ways()[way]
+        y = run(x.to(w.dtype))  # bf16 weights: bf16 activations
         return y.to(x.dtype)
 
     # the ways -----------------------------------------------------------------------
