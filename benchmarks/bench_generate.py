@@ -1,10 +1,12 @@
 """End-to-end generation on the shipped real pairs: adaspec vs the target alone vs transformers.
 
     python benchmarks/bench_generate.py [--pairs gemma-3-270m smollm2-135m] [--max-new-tokens 32]
-        [--batches 1 4 16 32] [--slo-batch 16] [--threads 2] [--plot benchmarks/out/generate.png]
+        [--batches 1 4 16 32] [--slo-batch 16] [--repeats 3] [--batch1-prompts 4] [--threads 2]
+        [--plot benchmarks/out/generate.png]
 
 Greedy, identical prompts (MT-bench first turns, HumanEval prompts), every method in the same
-run. Three tables per pair:
+run, methods taking turns (the machine is shared: tables 1-2 report the median of
+``--repeats`` rounds). Three tables per pair:
 
 1. batch 1: tokens/s and τ of adaspec.generate, target-only ``generate`` and transformers'
    assisted generation with the same draft (``assistant_model=``);
@@ -18,6 +20,7 @@ Prints tables, saves a PNG plot (needs matplotlib), asserts nothing about time.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -98,46 +101,72 @@ def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[st
     prompts = prompts_for(tok, max(max(args.batches), args.slo_batch))
     ours(target, draft, prompts[:1], 4, eos)  # warm both models once
 
-    # 1. batch 1 against transformers
-    print(f"\n## {name}: batch 1, {n} new tokens, greedy\n")
+    # 1. batch 1 against transformers: every method on each prompt alone, in turns
+    single = prompts[: args.batch1_prompts]
+    print(
+        f"\n## {name}: batch 1, {n} new tokens, greedy, {len(single)} prompts one at a time, "
+        f"median of {args.repeats} rounds\n"
+    )
     print("| method | tokens/s | τ | identical to target |")
     print("|---|---|---|---|")
-    p = prompts[:1]
-    ref, t_ref, calls = hf_generate(target, p, n, pad, eos)
-    out = ours(target, draft, p, n, eos)
-    asst, t_asst, calls_a = hf_generate(target, p, n, pad, eos, assistant_model=draft)
-    n_ref, n_asst, n_ours = tokens(ref), tokens(asst), tokens(out.sequences)
-    base = n_ref / t_ref
-    for method, tps, tau, same in [
-        ("target-only generate", base, n_ref / max(1, calls), True),
-        (
-            "transformers assisted (same draft)",
-            n_asst / t_asst,
-            n_asst / max(1, calls_a),
-            asst == ref,
-        ),
-        (
-            "adaspec.generate (auto budget)",
-            n_ours / out.stats.wall_time,
-            out.stats.tau,
-            out.sequences == ref,
-        ),
-    ]:
-        print(f"| {method} | {tps:.2f} ({tps / base:.2f}x) | {tau:.2f} | {same} |")
-        rows["batch1"].append({"pair": name, "method": method, "tok_s": tps})
+    methods = ["target-only generate", "transformers assisted (same draft)", "adaspec.generate"]
+    rates: dict[str, list[float]] = {m: [] for m in methods}
+    taus: dict[str, list[float]] = {m: [] for m in methods}
+    same = dict.fromkeys(methods, True)
+    for _ in range(args.repeats):
+        done = {m: [0, 0.0, 0] for m in methods}  # tokens, seconds, target forwards
+        for prompt in single:
+            ref, t_ref, calls = hf_generate(target, [prompt], n, pad, eos)
+            asst, t_asst, calls_a = hf_generate(
+                target, [prompt], n, pad, eos, assistant_model=draft
+            )
+            out = ours(target, draft, [prompt], n, eos)
+            steps = sum(r.steps for r in out.stats.requests)
+            for m, (seqs, sec, fwd) in zip(
+                methods,
+                [
+                    (ref, t_ref, calls),
+                    (asst, t_asst, calls_a),
+                    (out.sequences, out.stats.wall_time, steps),
+                ],
+                strict=True,
+            ):
+                done[m][0] += tokens(seqs)
+                done[m][1] += sec
+                done[m][2] += fwd
+                same[m] &= seqs == ref
+        for m in methods:
+            rates[m].append(done[m][0] / done[m][1])
+            taus[m].append(done[m][0] / max(1, done[m][2]))
+    base = statistics.median(rates[methods[0]])
+    for m in methods:
+        tps = statistics.median(rates[m])
+        print(
+            f"| {m} | {tps:.2f} ({tps / base:.2f}x) | {statistics.median(taus[m]):.2f} | {same[m]} |"
+        )
+        rows["batch1"].append({"pair": name, "method": m, "tok_s": tps})
 
-    # 2. throughput against batched target-only decoding
-    print(f"\n## {name}: throughput vs batch size, {n} new tokens per request\n")
+    # 2. throughput against batched target-only decoding, in turns
+    print(
+        f"\n## {name}: throughput vs batch size, {n} new tokens per request, "
+        f"median of {args.repeats} rounds\n"
+    )
     print("| batch | target-only tok/s | adaspec tok/s | ratio | adaspec τ | identical |")
     print("|---|---|---|---|---|---|")
     for b in args.batches:
         p = prompts[:b]
-        ref, t_ref, _ = hf_generate(target, p, n, pad, eos)
-        out = ours(target, draft, p, n, eos)
-        base, mine = tokens(ref) / t_ref, tokens(out.sequences) / out.stats.wall_time
-        n_same = sum(a == r for a, r in zip(out.sequences, ref, strict=True))
+        base_runs, mine_runs, tau_runs, n_same = [], [], [], b
+        for _ in range(args.repeats):
+            ref, t_ref, _ = hf_generate(target, p, n, pad, eos)
+            out = ours(target, draft, p, n, eos)
+            base_runs.append(tokens(ref) / t_ref)
+            mine_runs.append(tokens(out.sequences) / out.stats.wall_time)
+            tau_runs.append(out.stats.tau)
+            n_same = min(n_same, sum(a == r for a, r in zip(out.sequences, ref, strict=True)))
+        base, mine = statistics.median(base_runs), statistics.median(mine_runs)
         print(
-            f"| {b} | {base:.2f} | {mine:.2f} | {mine / base:.2f}x | {out.stats.tau:.2f} | {n_same}/{b} |"
+            f"| {b} | {base:.2f} | {mine:.2f} | {mine / base:.2f}x | "
+            f"{statistics.median(tau_runs):.2f} | {n_same}/{b} |"
         )
         rows["batch"].append({"pair": name, "batch": b, "target": base, "adaspec": mine})
 
@@ -229,6 +258,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--slo-batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per cell of tables 1-2")
+    ap.add_argument("--batch1-prompts", type=int, default=4, help="prompts of table 1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--plot", type=Path, default=Path("benchmarks/out/generate.png"))
     args = ap.parse_args()
