@@ -79,12 +79,10 @@ def test_layers_match_python_loop_and_chains_move_nothing() -> None:
                 assert torch.equal(k[r, :, : wl[r]], wk[r, :, : wl[r]])
                 assert torch.equal(v[r, :, : wl[r]], wv[r, :, : wl[r]])
     # a chain accepted from its first node on is already in place: nothing is written
-    frozen = [(k.clone(), v.clone()) for k, v in layers]
+    versions = [(k._version, v._version) for k, v in layers]
     chain = torch.tensor([[1, 2, -1], [-1, -1, -1], [1, 2, 3], [1, -1, -1]])
     assert compact_kv_layers(layers, lens, chain).tolist() == [3, 6, 6, 11]
-    for (k, v), (k0, v0) in zip(layers, frozen, strict=True):
-        assert torch.equal(k, k0)
-        assert torch.equal(v, v0)
+    assert [(k._version, v._version) for k, v in layers] == versions
     with pytest.raises(ValueError, match="at least one"):
         compact_kv_layers([], lens, chain)
     with pytest.raises(ValueError, match="every layer"):

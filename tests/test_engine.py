@@ -223,6 +223,11 @@ def test_first_token_comes_from_the_prefill_and_may_end_the_request():
     stats = {r.request_id: r for r in engine.stats.requests}
     assert stats[one].tokens == stats[stopped].tokens == 1
     assert stats[one].tpot == 0.0  # no decode phase
+    judged = Engine(target, target, config=FIXED)
+    judged.add_request(PROMPTS[0], max_new_tokens=1, slo=1e-9)  # any SLO: nothing to judge
+    while judged.has_unfinished():
+        judged.step()
+    assert judged.stats.requests[0].attained is True
     assert stats[going].tokens == 3
 
 

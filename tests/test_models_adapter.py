@@ -70,6 +70,21 @@ def test_prefill_matches_plain_forward(key: tuple[str, str]) -> None:
             torch.testing.assert_close(layer.values[r, :, : len(p)], v, atol=1e-5, rtol=0)
 
 
+def test_prefill_picks_last_positions_even_when_the_head_module_is_not_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = MODELS[KEYS[0]]
+    prompts = prompts_of(torch.Generator().manual_seed(1), [4, 9, 2])
+    _, picked = prefill(model, prompts)  # the hook on the output layer projects 3 rows
+    # a model whose reported output module is not what its forward calls: the hook never
+    # fires, and the last positions are picked from every position's logits instead
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: torch.nn.Identity())
+    _, fallback = prefill(model, prompts)
+    for r, p in enumerate(prompts):
+        torch.testing.assert_close(picked[r], plain_logits(model, p)[-1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(fallback[r], picked[r], atol=ATOL, rtol=0)
+
+
 def test_prefill_in_pieces_equals_prefill_at_once() -> None:
     model = MODELS[("gemma3", "sdpa")]
     prompts = prompts_of(torch.Generator().manual_seed(5), [7, 2, 10])

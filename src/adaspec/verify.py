@@ -360,9 +360,15 @@ def _validate_inputs(tree: TokenTree, target_logits: Tensor, draft_probs: Tensor
         )
 
 
-def _check_rows(x: Tensor, name: str, rows: Tensor, nodes: Tensor) -> None:
-    """Raise if a gathered (A, V) row is NaN, holds +inf, or is -inf everywhere."""
-    top = x.amax(-1)  # [A]; NaN propagates, +inf and all -inf show up as non-finite
+def _check_rows(
+    x: Tensor, name: str, rows: Tensor, nodes: Tensor, top: Tensor | None = None
+) -> None:
+    """Raise if a gathered (A, V) row is NaN, holds +inf, or is -inf everywhere.
+
+    ``top``: the rows' maxima if already computed (NaN propagates, +inf and all -inf show
+    up as non-finite)."""
+    if top is None:
+        top = x.amax(-1)  # [A]
     bad = ~torch.isfinite(top)
     if bool(bad.any()):
         a = int(bad.nonzero()[0])
@@ -388,8 +394,9 @@ class _Target:
 
     def argmax(self, rows: Tensor, nodes: Tensor) -> Tensor:
         x = self.logits[rows, nodes]  # [A, V]
-        _check_rows(x, "target_logits", rows, nodes)
-        return x.argmax(-1)
+        top, best = x.max(-1)  # one pass for the check and the choice
+        _check_rows(x, "target_logits", rows, nodes, top)
+        return best
 
     def probs(self, rows: Tensor, nodes: Tensor) -> Tensor:
         x = self.logits[rows, nodes]  # [A, V]

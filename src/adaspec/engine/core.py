@@ -184,7 +184,9 @@ class RequestStats:
         """Whether decode time <= SLO x tokens after the first (None without an SLO)."""
         if self.slo is None:
             return None
-        return self.decode_time <= self.slo.tpot * max(self.tokens - 1, 0)
+        if self.tokens <= 1:
+            return True  # no decode phase to judge
+        return self.decode_time <= self.slo.tpot * (self.tokens - 1)
 
 
 @dataclass
@@ -335,7 +337,7 @@ class Engine:
         self._catch_up_per_token = 0.0
         # measured / predicted seconds of speculative steps, and the draft level's predicted
         # seconds in the current plan
-        self._spec_time_ratio = _SPEC_TIME_PRIOR
+        self._spec_time_ratio = [_SPEC_TIME_PRIOR, _SPEC_TIME_PRIOR]  # chains, beams
         self._planned_level: float | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         self._probe_every = _PROBE_EVERY
@@ -587,7 +589,7 @@ class Engine:
                 emitted = (alpha**powers).cumsum(0)  # [depth + 1] 1 + α + ... + α^d
                 level = float(self.draft_latency.predict(R * w))
                 predicted = d * level + verify_s + spec_overhead
-                seconds = self._spec_time_ratio * predicted
+                seconds = self._spec_time_ratio[i] * predicted
                 rate = R * emitted / seconds.clamp(min=1e-9)  # [depth + 1]
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
@@ -782,10 +784,9 @@ class Engine:
         accepted = res.num_accepted.double().cpu()  # [R]
         tried = torch.minimum(accepted + 1, sel.tree.depth.max(1).values.double().cpu())
         i = 0 if width == 1 else 1
-        self._accept_trials *= _STATS_DECAY
-        self._accept_hits *= _STATS_DECAY
-        self._accept_trials[i] += float(tried.sum())
-        self._accept_hits[i] += float(accepted.sum())
+        # only the kind that ran learns (and forgets): the other keeps its evidence
+        self._accept_trials[i] = _STATS_DECAY * self._accept_trials[i] + float(tried.sum())
+        self._accept_hits[i] = _STATS_DECAY * self._accept_hits[i] + float(accepted.sum())
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
         if self._planned_level is not None and tunings() == tuned:
             # what the models predict for the levels really grown and nodes really verified
@@ -795,7 +796,7 @@ class Engine:
                 + (self._overhead[1] or self._overhead[0])
             )
             ratio = (t_end - t_beam) / max(predicted, 1e-9)
-            self._spec_time_ratio = _mean(self._spec_time_ratio, min(max(ratio, 0.5), 3.0))
+            self._spec_time_ratio[i] = _mean(self._spec_time_ratio[i], min(max(ratio, 0.5), 3.0))
             self._planned_level = None
         if caught_up:
             seconds = (t_beam - t_start) / (R * backlog.shape[1])

@@ -180,8 +180,11 @@ def _forward_block(
         return torch.zeros(v.shape, dtype=dtype, device=dev).masked_fill_(~v, hidden).unsqueeze(1)
 
     mask: Tensor | dict[str, Tensor] | None
-    near_all = window is None or bool((positions.unsqueeze(2) - kv_pos.unsqueeze(1) < window).all())
-    if Q == 1 and near_all and bool(vis.all()):
+    if (
+        Q == 1
+        and bool(vis.all())
+        and (window is None or bool((positions.unsqueeze(2) - kv_pos.unsqueeze(1) < window).all()))
+    ):
         # one new token per request that sees the whole cache (a decode step without
         # padding): the model's own causal mask is this, and attention skips the mask
         mask = None
@@ -198,11 +201,13 @@ def _forward_block(
 
     head = _output_head(model) if row_last is not None else None
     handle = None
+    fired: list[bool] = []
     if head is not None:
         assert row_last is not None
         rows = torch.arange(R, device=dev)
 
         def pick_rows(_: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            fired.append(True)
             return (args[0][rows, row_last].unsqueeze(1), *args[1:])  # [R, 1, H]
 
         handle = head.register_forward_pre_hook(pick_rows)
@@ -231,7 +236,15 @@ def _forward_block(
     state.pending = pend + Q
     state.pending_pos = torch.cat([state.pending_pos, positions], dim=1)
     # the cache is now max(lens) + pending long: no slot past it was written
-    logits: Tensor = out.logits.float()  # [R, Q, V]
+    logits: Tensor = out.logits.float()  # [R, Q, V] (or [R, 1, V] projected by the hook)
+    if row_last is not None and not fired:
+        # the model never called its output module (or has none): pick from every position
+        logits = logits[torch.arange(R, device=dev), row_last].unsqueeze(1)  # [R, 1, V]
+    elif fired and logits.shape[1] != 1:
+        raise RuntimeError(
+            f"the output module was called with the picked rows but the model returned logits "
+            f"of shape {tuple(logits.shape)}; pass row_last=None for this model"
+        )
     return logits
 
 
