@@ -55,10 +55,11 @@ _PROBE_EVERY = 8
 _PROBE_MAX = 128
 # acceptance: each drafted level the accepted path reaches is one trial, kept when the
 # target accepts its token. Before any verification the plan assumes this acceptance rate,
-# worth _PRIOR_WEIGHT trials (top-1 agreement of the shipped bfloat16 drafts with their
-# targets is 0.93-0.97, of int8 ones 0.49-0.69: a poor draft is found out in a few steps)
+# worth _PRIOR_WEIGHT trials: top-1 agreement of the shipped int8-weight drafts with their
+# targets is 0.92-0.96 (int8 dynamic ones: 0.49-0.69, found out within a few steps); with
+# fewer, one unlucky step (2 of 3 accepted) switched SmolLM2 to plain decoding for good
 _PRIOR_ACCEPT = 0.9
-_PRIOR_WEIGHT = 4.0
+_PRIOR_WEIGHT = 8.0
 # weight of the past in the acceptance counts and in the measured step overheads, per step
 _STATS_DECAY = 0.9
 # speculation is chosen only when the model predicts this much more than plain decoding,
@@ -541,7 +542,7 @@ class Engine:
         step its measured overhead, all scaled by how much longer speculative steps really
         took than so predicted; a request emits 1 + α + α² + ... + α^d tokens, where α is the
         measured rate at which the target accepts a drafted level the accepted path reached
-        (per width; before any verification a prior of 0.9 worth four trials). Per-request
+        (per width; before any verification a prior of 0.9 worth eight trials). Per-request
         time per token follows the same ratio, so this choice also serves the SLOs best.
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
         has not seen; it is chosen only when the tokens still to come repay it. While plain
