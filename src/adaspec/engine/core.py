@@ -339,6 +339,9 @@ class Engine:
         # measured / predicted seconds of speculative steps, and the draft level's predicted
         # seconds in the current plan
         self._spec_time_ratio = [_SPEC_TIME_PRIOR, _SPEC_TIME_PRIOR]  # chains, beams
+        # the same for plain steps: forwards of few tokens also drift from the shared model
+        # (its buckets move together as speculative steps observe larger sizes)
+        self._plain_time_ratio = 1.0
         self._planned_level: float | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         self._probe_every = _PROBE_EVERY
@@ -554,7 +557,7 @@ class Engine:
         d = torch.arange(depth + 1, dtype=torch.float64)
         powers = torch.arange(depth + 1, dtype=torch.float64)
         verify_s = self.verify_latency.predict(R * (d + 1))  # [depth + 1]
-        plain_s = max(float(verify_s[0]) + self._overhead[0], 1e-9)
+        plain_s = max(self._plain_time_ratio * (float(verify_s[0]) + self._overhead[0]), 1e-9)
         plain_rate = R / plain_s
         # the draft's one-off catch-up over what it has not seen (prompts, plain steps),
         # repaid only by the tokens still to come
@@ -819,6 +822,11 @@ class Engine:
         tree = TokenTree(
             roots.unsqueeze(1), torch.full((R, 1), -1), torch.zeros(R, 1), validate=False
         )
+        predicted = (
+            float(self.verify_latency.predict(R)) + self._overhead[0]
+            if self.verify_latency.observed
+            else None
+        )
         t_start, tuned = time.perf_counter(), tunings()
         logits = tree_forward(self.target, tree, self._target_state)  # [R, 1, V]
         t_verify = time.perf_counter()
@@ -831,6 +839,9 @@ class Engine:
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
         self._observe_overhead(0, t_end - t_verify)
+        if predicted is not None and predicted > 0 and tunings() == tuned:
+            ratio = min(max((t_end - t_start) / predicted, 0.5), 3.0)
+            self._plain_time_ratio = _mean(self._plain_time_ratio, ratio)
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start
