@@ -542,10 +542,11 @@ class Engine:
         With the auto budget, each depth d and each width w in {1 (a chain), ``width``} is
         scored from measurements: the draft costs d levels of the draft latency model at
         R w tokens, verification the target latency model at R (d + 1) tokens, each kind of
-        step its measured overhead, all scaled by how much longer speculative steps really
-        took than so predicted; a request emits 1 + α + α² + ... + α^d tokens, where α is the
-        measured rate at which the target accepts a drafted level the accepted path reached
-        (per width; before any verification a prior of 0.9 worth eight trials). Per-request
+        step its measured overhead, all scaled by how much longer such steps really took
+        than so predicted (speculative and plain steps each their own ratio); a request
+        emits 1 + α + α² + ... + α^d tokens, where α is the measured rate at which the
+        target accepts a drafted level the accepted path reached (per width; before any
+        verification a prior of 0.9 worth eight trials). Per-request
         time per token follows the same ratio, so this choice also serves the SLOs best.
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
         has not seen; it is chosen only when the tokens still to come repay it. While plain
