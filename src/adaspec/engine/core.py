@@ -45,7 +45,7 @@ from adaspec.models import (
 from adaspec.models.fast import tunings
 from adaspec.select import select, tokens_needed
 from adaspec.tree import TokenTree
-from adaspec.verify import SpecStats, VerifyResult, verify
+from adaspec.verify import SpecStats, VerifyResult, sample_children, verify
 
 __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
 
@@ -278,6 +278,11 @@ def _mean(old: float, new: float) -> float:
     return new if old == 0.0 else _STATS_DECAY * old + (1 - _STATS_DECAY) * new
 
 
+def _mean_ratio(old: float, seconds: float, predicted: float) -> float:
+    """Fold a step's measured / predicted seconds (clamped to [0.5, 3]) into ``old``."""
+    return _mean(old, min(max(seconds / max(predicted, 1e-9), 0.5), 3.0))
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -490,13 +495,8 @@ class Engine:
         tokens = logits.argmax(-1)  # [R]
         for i, r in enumerate(reqs):
             if r.temperature > 0:
-                probs = probs_from_logits(
-                    logits[i : i + 1], r.temperature, r.top_k or None, r.top_p
-                ).double()  # [1, V]
-                u = torch.rand(1, generator=r.generator, device=self.device, dtype=torch.float64)
-                cdf = probs.cumsum(-1)
-                pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # P(i) = probs[i]
-                tokens[i] = pick.clamp(max=cdf.shape[-1] - 1)[0, 0]
+                probs = probs_from_logits(logits[i], r.temperature, r.top_k or None, r.top_p)
+                tokens[i] = sample_children(probs, 1, generator=r.generator)[0]  # one draw
         return [int(t) for t in tokens.tolist()]
 
     def _finish(self, rows: list[int]) -> None:
@@ -555,8 +555,7 @@ class Engine:
         """
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
-        d = torch.arange(depth + 1, dtype=torch.float64)
-        powers = torch.arange(depth + 1, dtype=torch.float64)
+        d = torch.arange(depth + 1, dtype=torch.float64)  # depths, and powers of α
         verify_s = self.verify_latency.predict(R * (d + 1))  # [depth + 1]
         plain_s = max(self._plain_time_ratio * (float(verify_s[0]) + self._overhead[0]), 1e-9)
         plain_rate = R / plain_s
@@ -591,7 +590,7 @@ class Engine:
                 if optimistic:  # an upper confidence bound: few trials, much doubt
                     n = float(self._accept_trials[i]) + _PRIOR_WEIGHT
                     alpha = min(alpha + (alpha * (1 - alpha) / n) ** 0.5, 1.0)
-                emitted = (alpha**powers).cumsum(0)  # [depth + 1] 1 + α + ... + α^d
+                emitted = (alpha**d).cumsum(0)  # [depth + 1] 1 + α + ... + α^d
                 level = float(self.draft_latency.predict(R * w))
                 predicted = d * level + verify_s + spec_overhead
                 seconds = self._spec_time_ratio[i] * predicted
@@ -800,8 +799,9 @@ class Engine:
                 + float(self.verify_latency.predict(n_tokens))
                 + (self._overhead[1] or self._overhead[0])
             )
-            ratio = (t_end - t_beam) / max(predicted, 1e-9)
-            self._spec_time_ratio[i] = _mean(self._spec_time_ratio[i], min(max(ratio, 0.5), 3.0))
+            self._spec_time_ratio[i] = _mean_ratio(
+                self._spec_time_ratio[i], t_end - t_beam, predicted
+            )
             self._planned_level = None
         if caught_up:
             seconds = (t_beam - t_start) / (R * backlog.shape[1])
@@ -840,9 +840,8 @@ class Engine:
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
         self._observe_overhead(0, t_end - t_verify)
-        if predicted is not None and predicted > 0 and tunings() == tuned:
-            ratio = min(max((t_end - t_start) / predicted, 0.5), 3.0)
-            self._plain_time_ratio = _mean(self._plain_time_ratio, ratio)
+        if predicted is not None and tunings() == tuned:
+            self._plain_time_ratio = _mean_ratio(self._plain_time_ratio, t_end - t_start, predicted)
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start
