@@ -62,8 +62,8 @@ _PRIOR_ACCEPT = 0.9
 _PRIOR_WEIGHT = 8.0
 # weight of the past in the acceptance counts and in the measured step overheads, per step
 _STATS_DECAY = 0.9
-# speculation is chosen only when the model predicts this much more than plain decoding,
-# catch-up included (its terms are measured, but single steps vary by about 10 %)
+# switching from plain decoding to speculation needs a predicted rate this much higher
+# (its terms are measured, but single steps vary by about 10 %); staying needs only a gain
 _MARGIN = 1.1
 # a speculative step takes longer than its forwards' latency models predict (tree growth
 # and masks, the draft's first level also forwarding accepted tokens): measured steps
@@ -273,14 +273,14 @@ class _Request:
         )
 
 
-def _mean(old: float, new: float) -> float:
+def _mean(old: float, new: float, keep: float = _STATS_DECAY) -> float:
     """A decayed mean: ``new`` if nothing was measured yet (``old == 0``)."""
-    return new if old == 0.0 else _STATS_DECAY * old + (1 - _STATS_DECAY) * new
+    return new if old == 0.0 else keep * old + (1 - keep) * new
 
 
-def _mean_ratio(old: float, seconds: float, predicted: float) -> float:
+def _mean_ratio(old: float, seconds: float, predicted: float, keep: float = _STATS_DECAY) -> float:
     """Fold a step's measured / predicted seconds (clamped to [0.5, 3]) into ``old``."""
-    return _mean(old, min(max(seconds / max(predicted, 1e-9), 0.5), 3.0))
+    return _mean(old, min(max(seconds / max(predicted, 1e-9), 0.5), 3.0), keep)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -328,8 +328,6 @@ class Engine:
         self._target_state: KVState | None = None
         self._draft_state: KVState | None = None
         self._next_id = 0
-        if self.config.warmup:
-            self._warmup()
         # decayed acceptance counts per beam kind (index 0: chains, 1: wider beams): drafted
         # levels the accepted path reached, and how many of them the target accepted
         self._accept_trials = torch.zeros(2, dtype=torch.float64)
@@ -341,15 +339,23 @@ class Engine:
         # (the one-off price of speculating after plain steps); 0 until measured
         self._prefill_per_token = 0.0
         self._catch_up_per_token = 0.0
-        # measured / predicted seconds of speculative steps, and the draft level's predicted
-        # seconds in the current plan
+        self._draft_prefill_per_token = 0.0  # the warm-up's, until a catch-up is measured
+        # measured / predicted seconds of speculative steps, and the predicted seconds of the
+        # current plan's first and further draft levels
         self._spec_time_ratio = [_SPEC_TIME_PRIOR, _SPEC_TIME_PRIOR]  # chains, beams
-        # the same for plain steps: forwards of few tokens also drift from the shared model
-        # (its buckets move together as speculative steps observe larger sizes)
-        self._plain_time_ratio = 1.0
-        self._planned_level: float | None = None
+        # the same for plain steps (0 until one is measured): forwards of one token per request
+        # differ from the warm-up's single-request trees and drift from the shared model (its
+        # buckets move together as speculative steps observe larger sizes)
+        self._plain_time_ratio = 0.0
+        self._plain_samples = 0
+        self._planned_levels: tuple[float, float] | None = None  # first level, further ones
         self._plain_streak = 0  # plain steps since the last speculative one
+        # speculative steps since the plan last chose plain decoding (re-measuring plain
+        # steps among them do not end the run)
+        self._spec_streak = 0
         self._probe_every = _PROBE_EVERY
+        if self.config.warmup:
+            self._warmup()
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -540,21 +546,31 @@ class Engine:
         """Beam (depth, width) with the most expected emitted tokens per second; depth 0 = plain.
 
         With the auto budget, each depth d and each width w in {1 (a chain), ``width``} is
-        scored from measurements: the draft costs d levels of the draft latency model at
-        R w tokens, verification the target latency model at R (d + 1) tokens, each kind of
-        step its measured overhead, all scaled by how much longer such steps really took
+        scored from measurements: the draft costs its first level (the roots with the
+        accepted tokens it has not seen) and d - 1 further levels of the draft latency model
+        at R w tokens, verification the target latency model at R (d + 1) tokens, each kind
+        of step its measured overhead, all scaled by how much longer such steps really took
         than so predicted (speculative and plain steps each their own ratio); a request
         emits 1 + α + α² + ... + α^d tokens, where α is the measured rate at which the
         target accepts a drafted level the accepted path reached (per width; before any
-        verification a prior of 0.9 worth eight trials). Per-request
-        time per token follows the same ratio, so this choice also serves the SLOs best.
+        verification a prior of 0.9 worth eight trials). Per-request time per token follows
+        the same ratio, so this choice also serves the SLOs best.
+        The first two steps decode plainly to measure what plain decoding costs at this
+        batch; switching to speculation needs a predicted 10 % gain, staying with it only a
+        gain, and a long run of speculation takes a plain step now and then to re-measure.
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
         has not seen; it is chosen only when the tokens still to come repay it. While plain
         decoding wins, a chain is probed now and then (exponential back-off) where an upper
-        confidence bound of α says it could pay, so that α stays current.
+        confidence bound of α says it could pay (and repay its catch-up by the margin), so
+        that α stays current.
         """
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
+        if self._plain_samples < 2:
+            # the first two steps decode plainly: what a plain step costs at this batch is
+            # what every plan is measured against (off by 10-30 % at batch 4 from the warm-up
+            # alone; the quicker of two, as a first step after a prefill ran 25 % slower)
+            return 0, width
         d = torch.arange(depth + 1, dtype=torch.float64)  # depths, and powers of α
         verify_s = self.verify_latency.predict(R * (d + 1))  # [depth + 1]
         plain_s = max(self._plain_time_ratio * (float(verify_s[0]) + self._overhead[0]), 1e-9)
@@ -565,9 +581,10 @@ class Engine:
         backlog = int((self._draft_state.backlog >= 0).sum(1).max())
         catch_up_s = 0.0
         if backlog > _CATCH_UP_MIN and self.draft_latency.observed:
-            per_token = self._catch_up_per_token
-            if per_token == 0.0:  # not measured yet: the target's prefill, scaled by the
-                # draft's cost relative to the target's at the largest warm-up size
+            # seconds per token of the last catch-ups, else of the warm-up's draft prefill
+            per_token = self._catch_up_per_token or self._draft_prefill_per_token
+            if per_token == 0.0:  # neither (no warm-up): the target's prefill, scaled by
+                # the draft's cost relative to the target's at the largest observed size
                 n = 32 * R
                 ratio = self.draft_latency.predict(n) / self.verify_latency.predict(n).clamp(
                     min=1e-9
@@ -576,11 +593,18 @@ class Engine:
             catch_up_s = R * backlog * per_token
         remaining = sum(r.max_new_tokens - len(r.output) for r in self._active)
         spec_overhead = self._overhead[1] or self._overhead[0]  # before any speculative step
+        # the draft's first level forwards each root together with a short backlog (the
+        # accepted tokens it has not seen yet) as one right-padded chain per request
+        first = float(self.draft_latency.predict(R * (1 + (backlog if catch_up_s == 0 else 0))))
+
+        # switching to speculation needs the margin; staying with it, only to beat plain
+        # decoding (leaving it and coming back would pay a catch-up)
+        speculating = self._spec_streak > 0
 
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
-            top_rate, top = _MARGIN * plain_rate, (0, width)
-            self._planned_level = None
+            top_rate, top = (1.0 if speculating else _MARGIN) * plain_rate, (0, width)
+            self._planned_levels = None
             for w in widths:
                 i = 0 if w == 1 else 1
                 alpha = float(
@@ -592,23 +616,31 @@ class Engine:
                     alpha = min(alpha + (alpha * (1 - alpha) / n) ** 0.5, 1.0)
                 emitted = (alpha**d).cumsum(0)  # [depth + 1] 1 + α + ... + α^d
                 level = float(self.draft_latency.predict(R * w))
-                predicted = d * level + verify_s + spec_overhead
+                predicted = first + (d - 1).clamp(min=0) * level + verify_s + spec_overhead
                 seconds = self._spec_time_ratio[i] * predicted
                 rate = R * emitted / seconds.clamp(min=1e-9)  # [depth + 1]
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 # the catch-up pays when plain decoding of what remains takes longer than
-                # speculating on it after catching up (by the same margin)
-                repaid = remaining / plain_rate > _MARGIN * (catch_up_s + remaining / spec_rate)
+                # speculating on it after catching up (a probe's, on its optimistic rate,
+                # by the margin)
+                after = catch_up_s + remaining / spec_rate
+                repaid = remaining / plain_rate > (_MARGIN if optimistic else 1.0) * after
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
-                    self._planned_level = level
+                    self._planned_levels = (first, level)
             return top
 
         k, w = best(False, sorted({1, width}))
         if k > 0:
             self._probe_every = _PROBE_EVERY
+            if self._spec_streak > _PROBE_EVERY:
+                # a plain step now and then re-measures what plain decoding costs: its
+                # prediction otherwise drifts with the shared model, fed by trees alone
+                self._spec_streak = 1
+                return 0, width
             return k, w
+        self._spec_streak = 0
         if self._plain_streak == 0 and self.stats.steps > 0:
             # the last step speculated and no longer pays: probe half as often from now on
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
@@ -618,9 +650,17 @@ class Engine:
         return 0, width
 
     def _warmup(self) -> None:
-        """Seed both latency models with a few timed forwards on a short dummy prefix."""
+        """Seed both latency models with a few timed forwards on a short dummy prefix, and
+        the draft's catch-up price with its prefill of that prefix."""
         for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
-            state, _ = prefill(model, [[0] * 128])  # a typical context length
+            for _ in range(2):  # a model's first forward in a process runs cold
+                t0 = time.perf_counter()
+                state, _ = prefill(model, [[0] * 128])  # a typical context length
+                seconds = time.perf_counter() - t0
+            if model is self.draft:
+                # (the target's prefill per token, scaled by the draft's cost ratio in
+                # decoding, priced Gemma's catch-up at half what it took)
+                self._draft_prefill_per_token = seconds / 128
             for n in (*range(1, 9), 16, 32):
                 tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
                 times = []
@@ -792,21 +832,24 @@ class Engine:
         self._accept_trials[i] = _STATS_DECAY * self._accept_trials[i] + float(tried.sum())
         self._accept_hits[i] = _STATS_DECAY * self._accept_hits[i] + float(accepted.sum())
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
-        if self._planned_level is not None and tunings() == tuned:
+        if self._planned_levels is not None and tunings() == tuned:
             # what the models predict for the levels really grown and nodes really verified
+            first, level = self._planned_levels
             predicted = (
-                forwards * self._planned_level
+                first
+                + (forwards - 1) * level
                 + float(self.verify_latency.predict(n_tokens))
                 + (self._overhead[1] or self._overhead[0])
             )
             self._spec_time_ratio[i] = _mean_ratio(
                 self._spec_time_ratio[i], t_end - t_beam, predicted
             )
-            self._planned_level = None
+            self._planned_levels = None
         if caught_up:
             seconds = (t_beam - t_start) / (R * backlog.shape[1])
             self._catch_up_per_token = _mean(self._catch_up_per_token, seconds)
         self._plain_streak = 0
+        self._spec_streak += 1
         self.stats.target_tokens += n_tokens
         self.stats.draft_time += t_draft - t_start
         self.stats.verify_time += t_verify - t_select
@@ -841,7 +884,15 @@ class Engine:
         t_end = time.perf_counter()
         self._observe_overhead(0, t_end - t_verify)
         if predicted is not None and tunings() == tuned:
-            self._plain_time_ratio = _mean_ratio(self._plain_time_ratio, t_end - t_start, predicted)
+            if self._plain_samples < 2:  # the quicker of the first two
+                sample = _mean_ratio(0.0, t_end - t_start, predicted)
+                self._plain_time_ratio = min(self._plain_time_ratio or sample, sample)
+            else:  # (re-measuring steps are rare while speculating: each weighs as much
+                # as in the latency model)
+                self._plain_time_ratio = _mean_ratio(
+                    self._plain_time_ratio, t_end - t_start, predicted, keep=0.7
+                )
+            self._plain_samples += 1
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start

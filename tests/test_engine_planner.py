@@ -1,0 +1,69 @@
+"""The auto plan's decisions on synthetic latencies: when speculation pays, when it does not,
+and how it keeps plain decoding measured."""
+
+import pytest
+
+from adaspec.engine import Engine, EngineConfig
+from adaspec.engine.core import _PROBE_EVERY
+from adaspec.models import tiny_model
+
+
+def planned(draft_cost: float, *, prompt_len: int = 4, max_new_tokens: int = 200) -> Engine:
+    """An engine with one admitted request and made-up latencies: a target forward takes
+    50 ms + 1 ms per token, a draft level ``draft_cost`` times that; plain steps measured."""
+    eng = Engine(tiny_model(seed=0), tiny_model(seed=1), config=EngineConfig(warmup=False))
+    eng.add_request(list(range(1, prompt_len + 1)), max_new_tokens=max_new_tokens)
+    eng._admit()
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        eng.verify_latency.observe(n, 0.050 + 0.001 * n)
+        eng.draft_latency.observe(n, draft_cost * (0.050 + 0.001 * n))
+    eng._plain_samples, eng._plain_time_ratio = 2, 1.0
+    return eng
+
+
+def test_the_first_two_steps_measure_plain_decoding():
+    eng = planned(0.1)
+    eng._plain_samples = 0
+    assert eng._plan_shape(1, 4, 4) == (0, 4)
+    eng._plain_samples = 1
+    assert eng._plan_shape(1, 4, 4) == (0, 4)
+    eng._plain_samples = 2
+    assert eng._plan_shape(1, 4, 4)[0] > 0
+
+
+def test_a_cheap_draft_speculates_an_expensive_one_does_not():
+    depth, _ = planned(0.1)._plan_shape(1, 4, 4)
+    assert depth > 0
+    # a draft level as slow as the target's step never pays, not even as a probe (with an
+    # upper bound of the acceptance rate, after a run of plain steps)
+    eng = planned(1.0)
+    assert eng._plan_shape(1, 4, 4)[0] == 0
+    eng._plain_streak = _PROBE_EVERY
+    assert eng._plan_shape(1, 4, 4)[0] == 0
+
+
+def test_long_speculation_takes_a_plain_step_to_remeasure_and_goes_on():
+    eng = planned(0.1)
+    eng._spec_streak = _PROBE_EVERY + 1
+    assert eng._plan_shape(1, 4, 4)[0] == 0  # one plain step re-measures plain decoding
+    assert eng._spec_streak == 1  # ... and does not end the run of speculation
+    assert eng._plan_shape(1, 4, 4)[0] > 0
+
+
+def test_staying_with_speculation_needs_no_margin_switching_to_it_does():
+    # a draft for which speculation is predicted to be ~4 % faster than plain decoding
+    eng = planned(0.7)
+    eng._accept_trials[:] = 100.0  # acceptance measured, not a prior: no probe bound
+    eng._accept_hits[:] = 85.0
+    eng._spec_time_ratio = [1.0, 1.0]
+    eng._plain_streak = 1
+    assert eng._plan_shape(1, 4, 1)[0] == 0
+    eng._spec_streak, eng._plain_streak = 3, 0
+    assert eng._plan_shape(1, 4, 1)[0] > 0
+
+
+@pytest.mark.parametrize(("remaining", "speculates"), [(4, False), (4000, True)])
+def test_the_drafts_catch_up_must_be_repaid_by_the_tokens_to_come(remaining, speculates):
+    eng = planned(0.1, prompt_len=100, max_new_tokens=remaining)
+    eng._catch_up_per_token = 0.01  # 100 prompt tokens: a second of catch-up
+    assert (eng._plan_shape(1, 4, 4)[0] > 0) == speculates
