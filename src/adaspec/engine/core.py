@@ -66,10 +66,10 @@ _STATS_DECAY = 0.9
 # (its terms are measured, but single steps vary by about 10 %); staying needs only a gain
 _MARGIN = 1.1
 # a speculative step takes longer than its forwards' latency models predict (tree growth
-# and masks, the draft's first level also forwarding accepted tokens): measured steps
-# correct the plan by their ratio to the prediction, which starts here (1.12-1.25 measured
-# on the shipped pairs at batch 4)
-_SPEC_TIME_PRIOR = 1.15
+# and masks): measured steps correct the plan by their ratio to the prediction, which
+# starts here (with the draft's first level priced apart: 1.02-1.10 at batch 1 on the
+# shipped pairs, 0.98-1.15 at batch 4)
+_SPEC_TIME_PRIOR = 1.1
 # a draft backlog longer than this (prompts, many plain steps) is forwarded on its own
 _CATCH_UP_MIN = 8
 
