@@ -278,9 +278,14 @@ def _mean(old: float, new: float, keep: float = _STATS_DECAY) -> float:
     return new if old == 0.0 else keep * old + (1 - keep) * new
 
 
+def _ratio(seconds: float, predicted: float) -> float:
+    """A step's measured / predicted seconds, clamped to [0.5, 3]."""
+    return min(max(seconds / max(predicted, 1e-9), 0.5), 3.0)
+
+
 def _mean_ratio(old: float, seconds: float, predicted: float, keep: float = _STATS_DECAY) -> float:
     """Fold a step's measured / predicted seconds (clamped to [0.5, 3]) into ``old``."""
-    return _mean(old, min(max(seconds / max(predicted, 1e-9), 0.5), 3.0), keep)
+    return _mean(old, _ratio(seconds, predicted), keep)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -653,14 +658,14 @@ class Engine:
         """Seed both latency models with a few timed forwards on a short dummy prefix, and
         the draft's catch-up price with its prefill of that prefix."""
         for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
-            for _ in range(2):  # a model's first forward in a process runs cold
-                t0 = time.perf_counter()
-                state, _ = prefill(model, [[0] * 128])  # a typical context length
-                seconds = time.perf_counter() - t0
+            state, _ = prefill(model, [[0] * 128])  # a typical context length
             if model is self.draft:
-                # (the target's prefill per token, scaled by the draft's cost ratio in
-                # decoding, priced Gemma's catch-up at half what it took)
-                self._draft_prefill_per_token = seconds / 128
+                # timed the second time (a model's first forward in a process runs cold);
+                # the target's prefill per token scaled by the draft's cost ratio in
+                # decoding priced Gemma's catch-up at half what it took
+                t0 = time.perf_counter()
+                state, _ = prefill(model, [[0] * 128])
+                self._draft_prefill_per_token = (time.perf_counter() - t0) / 128
             for n in (*range(1, 9), 16, 32):
                 tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
                 times = []
@@ -885,7 +890,7 @@ class Engine:
         self._observe_overhead(0, t_end - t_verify)
         if predicted is not None and tunings() == tuned:
             if self._plain_samples < 2:  # the quicker of the first two
-                sample = _mean_ratio(0.0, t_end - t_start, predicted)
+                sample = _ratio(t_end - t_start, predicted)
                 self._plain_time_ratio = min(self._plain_time_ratio or sample, sample)
             else:  # (re-measuring steps are rare while speculating: each weighs as much
                 # as in the latency model)
