@@ -67,3 +67,72 @@ def test_the_drafts_catch_up_must_be_repaid_by_the_tokens_to_come(remaining, spe
     eng = planned(0.1, prompt_len=100, max_new_tokens=remaining)
     eng._catch_up_per_token = 0.01  # 100 prompt tokens: a second of catch-up
     assert (eng._plan_shape(1, 4, 4)[0] > 0) == speculates
+
+
+def test_the_level_rule_grows_confident_trees_and_stops_hesitant_ones():
+    import torch
+
+    from adaspec.tree import TokenTree
+
+    eng = planned(0.1)
+    eng._planned_levels = (0.005, 0.005)  # a draft level: a tenth of a target forward
+    eng.calibrator = None  # judge the draft's own f
+    stop = eng._level_rule(1, 1)
+
+    def chain(f: list[float]) -> tuple[TokenTree, torch.Tensor]:
+        n = len(f) + 1
+        tree = TokenTree([7] * n, [-1, *range(n - 1)], [0.0, *(torch.tensor(f).log().tolist())])
+        return tree, torch.tensor([[n - 1]])
+
+    assert not stop(*chain([0.95, 0.9]))  # confident: another level pays
+    assert stop(*chain([0.3, 0.02]))  # the next level adds at most 0.02 tokens
+    # a dearer draft level needs a more confident frontier than a cheap one
+    assert not stop(*chain([0.9, 0.5]))
+    eng._planned_levels = (0.02, 0.02)
+    assert eng._level_rule(1, 1)(*chain([0.9, 0.5]))
+    assert not eng._level_rule(1, 1)(*chain([0.99, 0.98]))
+
+
+def test_a_new_request_starts_from_the_pairs_acceptance_not_the_last_requests():
+    eng = planned(0.1)
+    eng._accept_trials[0], eng._accept_hits[0] = 400.0, 360.0  # the pair: 0.9 over many
+    alpha, trials = eng._alpha(0)
+    assert abs(alpha - (360 + 32 * 0.93) / (400 + 32)) < 1e-9
+    eng._active[0].trials[0], eng._active[0].hits[0] = 20.0, 10.0  # this prompt: 0.5
+    alpha, trials = eng._alpha(0)
+    assert 0.5 < alpha < 0.7
+    assert trials == 28.0
+
+
+def test_a_later_engine_on_the_same_pair_skips_the_warm_up_and_keeps_what_was_learned():
+    from adaspec.models import tiny_model
+
+    target, draft = tiny_model(seed=0), tiny_model(seed=1)
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    handle = target.register_forward_pre_hook(count)
+    try:
+        first = Engine(target, draft)
+        warm = calls[0]
+        assert warm > 0
+        assert first.verify_latency.observed
+        first.add_request([1, 2, 3], max_new_tokens=6)
+        while first.has_unfinished():
+            first.step()
+        learned = first._accept_trials.clone()
+        calls[0] = 0
+        second = Engine(target, draft)
+        assert calls[0] == 0  # no warm-up forwards
+        assert second.verify_latency.observed
+        assert second.draft_latency.observed
+        assert second._accept_trials.tolist() == learned.tolist()
+        # its own copy: what the second engine learns is not the first's
+        assert second.verify_latency is not first.verify_latency
+        # another draft is another pair: warmed up again
+        Engine(target, tiny_model(seed=2))
+        assert calls[0] > 0
+    finally:
+        handle.remove()

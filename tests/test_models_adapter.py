@@ -315,3 +315,20 @@ def test_draft_growth_stops_when_a_level_cannot_pay() -> None:
     state, logits = prefill(draft, [[1, 2]])
     with pytest.raises(ValueError, match="min_gain"):
         grow_draft_tree(draft, state, logits.argmax(-1), depth=2, width=1, min_gain=-1.0)
+
+
+def test_draft_growth_asks_stop_before_each_further_level() -> None:
+    draft = tiny_model(seed=1)
+    state, logits = prefill(draft, [[1, 2, 3], [4, 5]])
+    seen: list[tuple[int, tuple[int, ...]]] = []
+
+    def stop(tree: TokenTree, frontier: torch.Tensor) -> bool:
+        seen.append((int(tree.depth.max()), tuple(frontier.shape)))
+        return int(tree.depth.max()) == 2  # grow two levels, then stop
+
+    out = grow_draft_tree(draft, state, logits.argmax(-1), depth=5, width=2, stop=stop)
+    assert seen == [(1, (2, 2)), (2, (2, 2))]
+    assert int(out.grown.depth.max()) == 2
+    assert state.pending == 1 + 2  # root + one forwarded level of 2: depth 2 is not forwarded
+    with pytest.raises(TypeError, match="stop"):
+        grow_draft_tree(draft, state, logits.argmax(-1), depth=2, width=1, stop=3)  # type: ignore[arg-type]

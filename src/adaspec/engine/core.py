@@ -15,9 +15,11 @@ hit a stop token or ``max_new_tokens``; their cache rows are freed at once.
 
 from __future__ import annotations
 
+import copy
 import time
+import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,10 +60,17 @@ _PROBE_MAX = 128
 # worth _PRIOR_WEIGHT trials: top-1 agreement of the shipped int8-weight drafts with their
 # targets is 0.92-0.96 (int8 dynamic ones: 0.49-0.69, found out within a few steps); with
 # fewer, one unlucky step (2 of 3 accepted) switched SmolLM2 to plain decoding for good
-_PRIOR_ACCEPT = 0.9
+_PRIOR_ACCEPT = 0.93
 _PRIOR_WEIGHT = 8.0
 # weight of the past in the acceptance counts and in the measured step overheads, per step
 _STATS_DECAY = 0.9
+# the pair's acceptance counts (a new request's prior) forget more slowly: acceptance
+# varies by prompt (the same SmolLM2 pair: 2.9 to 8 tokens per target forward), and a new
+# request should start from the pair's long-run rate, not from the last request's
+_PAIR_DECAY = 0.99
+# ... and rest on a prior worth more trials: one early rejection (1 of 1 tried) otherwise
+# dropped the pair's rate from 0.93 to 0.83, and every later request decoded plainly
+_PAIR_PRIOR_WEIGHT = 32.0
 # switching from plain decoding to speculation needs a predicted rate this much higher
 # (its terms are measured, but single steps vary by about 10 %); staying needs only a gain
 _MARGIN = 1.1
@@ -70,8 +79,39 @@ _MARGIN = 1.1
 # starts here (with the draft's first level priced apart: 1.02-1.10 at batch 1 on the
 # shipped pairs, 0.98-1.15 at batch 4)
 _SPEC_TIME_PRIOR = 1.1
+# a chain may grow this many times the beam's depth (transformers' assisted generation
+# drafts up to 20 tokens; on the shipped SmolLM2 pair confident stretches ran past 8)
+_CHAIN_DEPTHS = 4
 # a draft backlog longer than this (prompts, many plain steps) is forwarded on its own
 _CATCH_UP_MIN = 8
+
+
+@dataclass
+class _Profile:
+    """What engines measured about one (target, draft) pair on this machine.
+
+    The first engine on a pair runs the warm-up; every later one in the process starts
+    from the profile the last one left (its latency models, the prices of catch-ups and
+    step overheads, and the decayed acceptance counts) instead of paying the warm-up
+    again (3-6 s on the shipped CPU pairs: longer than many a generate() call).
+    """
+
+    verify_latency: LatencyModel
+    draft_latency: LatencyModel
+    draft_prefill_per_token: float
+    prefill_per_token: float
+    catch_up_per_token: float
+    accept_trials: Tensor
+    accept_hits: Tensor
+    spec_time_ratio: list[float]
+    overhead: list[float]
+    calibrator: Calibrator | None
+
+
+# target -> draft -> profile; an entry goes away with either model
+_PROFILES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary[nn.Module, _Profile]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True)
@@ -107,8 +147,10 @@ class EngineConfig:
             (ignore SLOs: the globally best nodes), or ``"even"`` (the budget split evenly,
             each request's own optimal tree). The last two are baselines for comparison;
             a fixed chain of k tokens is ``depth=k, width=1, budget=R * (k + 1)``.
-        warmup: profile target and draft forwards once before the first step to seed the
-            latency model.
+        warmup: profile target and draft forwards before the first step to seed the
+            latency models; once per (target, draft) pair in a process: a later engine on
+            the same pair starts from what the last one measured and learned, whenever it
+            ran out of requests (latency models, acceptance counts, step prices).
     """
 
     depth: int = 4
@@ -263,6 +305,9 @@ class _Request:
     generator: torch.Generator | None
     root: int
     output: list[int] = field(default_factory=list)
+    # decayed acceptance counts of this request (chains, wider beams), see _alphas
+    trials: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    hits: list[float] = field(default_factory=lambda: [0.0, 0.0])
     start: float | None = None
     decode_time: float = 0.0
     steps: int = 0
@@ -333,8 +378,9 @@ class Engine:
         self._target_state: KVState | None = None
         self._draft_state: KVState | None = None
         self._next_id = 0
-        # decayed acceptance counts per beam kind (index 0: chains, 1: wider beams): drafted
-        # levels the accepted path reached, and how many of them the target accepted
+        # the pair's decayed acceptance counts per beam kind (index 0: chains, 1: wider
+        # beams): drafted levels the accepted path reached, and how many the target accepted
+        # (each request keeps its own too)
         self._accept_trials = torch.zeros(2, dtype=torch.float64)
         self._accept_hits = torch.zeros(2, dtype=torch.float64)
         # decayed mean seconds a step spends outside the draft and target forwards
@@ -360,7 +406,13 @@ class Engine:
         self._spec_streak = 0
         self._probe_every = _PROBE_EVERY
         if self.config.warmup:
-            self._warmup()
+            by_draft = _PROFILES.get(target)
+            profile = by_draft.get(draft) if by_draft is not None else None
+            if profile is None:
+                self._warmup()
+                self._save_profile()
+            else:
+                self._load_profile(profile)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -576,8 +628,11 @@ class Engine:
             # what every plan is measured against (off by 10-30 % at batch 4 from the warm-up
             # alone; the quicker of two, as a first step after a prefill ran 25 % slower)
             return 0, width
-        d = torch.arange(depth + 1, dtype=torch.float64)  # depths, and powers of α
-        verify_s = self.verify_latency.predict(R * (d + 1))  # [depth + 1]
+        # a chain may grow to _CHAIN_DEPTHS times the beam's depth: the draft's confidence
+        # stops it where a further level no longer pays (_level_rule)
+        chain = _CHAIN_DEPTHS * depth
+        d = torch.arange(chain + 1, dtype=torch.float64)  # depths, and powers of α
+        verify_s = self.verify_latency.predict(R * (d + 1))  # [chain + 1]
         plain_s = max(self._plain_time_ratio * (float(verify_s[0]) + self._overhead[0]), 1e-9)
         plain_rate = R / plain_s
         # the draft's one-off catch-up over what it has not seen (prompts, plain steps),
@@ -612,18 +667,15 @@ class Engine:
             self._planned_levels = None
             for w in widths:
                 i = 0 if w == 1 else 1
-                alpha = float(
-                    (self._accept_hits[i] + _PRIOR_WEIGHT * _PRIOR_ACCEPT)
-                    / (self._accept_trials[i] + _PRIOR_WEIGHT)
-                )
+                alpha, n = self._alpha(i)
                 if optimistic:  # an upper confidence bound: few trials, much doubt
-                    n = float(self._accept_trials[i]) + _PRIOR_WEIGHT
                     alpha = min(alpha + (alpha * (1 - alpha) / n) ** 0.5, 1.0)
-                emitted = (alpha**d).cumsum(0)  # [depth + 1] 1 + α + ... + α^d
+                levels = chain if w == 1 else depth
+                emitted = (alpha**d).cumsum(0)[: levels + 1]  # 1 + α + ... + α^d
                 level = float(self.draft_latency.predict(R * w))
                 predicted = first + (d - 1).clamp(min=0) * level + verify_s + spec_overhead
-                seconds = self._spec_time_ratio[i] * predicted
-                rate = R * emitted / seconds.clamp(min=1e-9)  # [depth + 1]
+                seconds = self._spec_time_ratio[i] * predicted[: levels + 1]
+                rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 # the catch-up pays when plain decoding of what remains takes longer than
@@ -644,7 +696,8 @@ class Engine:
                 # prediction otherwise drifts with the shared model, fed by trees alone
                 self._spec_streak = 1
                 return 0, width
-            return k, w
+            # a chain grows as long as the draft stays confident (see _level_rule)
+            return (chain if w == 1 else k), w
         self._spec_streak = 0
         if self._plain_streak == 0 and self.stats.steps > 0:
             # the last step speculated and no longer pays: probe half as often from now on
@@ -653,6 +706,57 @@ class Engine:
             # re-probe with a chain, where the acceptance rate's upper bound could pay
             return best(True, [1])
         return 0, width
+
+    def _alpha(self, i: int) -> tuple[float, float]:
+        """(acceptance rate, trials it rests on) of beam kind ``i`` for the live batch.
+
+        Each request's own decayed counts, on a prior of ``_PRIOR_WEIGHT`` trials at the
+        pair's rate (its slowly decayed counts over every request so far, on a prior of
+        ``_PAIR_PRIOR_WEIGHT`` trials at ``_PRIOR_ACCEPT``); the batch's rate is the
+        requests' mean.
+        """
+        pair = float(
+            (self._accept_hits[i] + _PAIR_PRIOR_WEIGHT * _PRIOR_ACCEPT)
+            / (self._accept_trials[i] + _PAIR_PRIOR_WEIGHT)
+        )
+        rates = [
+            (r.hits[i] + _PRIOR_WEIGHT * pair) / (r.trials[i] + _PRIOR_WEIGHT) for r in self._active
+        ]
+        trials = sum(r.trials[i] for r in self._active) / len(self._active)
+        return sum(rates) / len(rates), trials + _PRIOR_WEIGHT
+
+    def _level_rule(self, R: int, width: int) -> Callable[[TokenTree, Tensor], bool]:
+        """When the draft should stop growing this step's trees (``grow_draft_tree``'s
+        ``stop``): when a further level would lower the step's expected tokens per second.
+
+        The tree grown so far is expected to emit Σ f tokens (f calibrated when the engine
+        calibrates) in the seconds its levels, their verification and the step's overhead
+        take; a further level adds at most the frontier's Σ f for one more draft forward and
+        the verification of its nodes. It is grown while that gain per second beats the
+        step's rate so far, and plain decoding's rate. So a step's depth follows the draft's
+        confidence: long on confident stretches, short where the draft hesitates.
+        """
+        assert self._planned_levels is not None
+        first, level = self._planned_levels
+        ratio = self._spec_time_ratio[0 if width == 1 else 1]
+        overhead = self._overhead[1] or self._overhead[0]
+        cap = self.config.max_tokens_per_step
+        verify = self.verify_latency.predict
+        plain_rate = R / max(self._plain_time_ratio * (float(verify(R)) + self._overhead[0]), 1e-9)
+        calibrator = self.calibrator
+
+        def stop(tree: TokenTree, frontier: Tensor) -> bool:
+            if calibrator is not None:
+                tree = calibrator.apply(tree)
+            f = tree.logp.exp()  # [R, n]
+            expected, gain = float(f.sum()), float(f.gather(1, frontier).sum())
+            levels = int(tree.depth.max())
+            n = min(R * (levels * width + 1), cap)
+            seconds = ratio * (first + (levels - 1) * level + float(verify(n)) + overhead)
+            more = ratio * (level + float(verify(min(n + R * width, cap))) - float(verify(n)))
+            return gain < max(expected / max(seconds, 1e-9), plain_rate) * more
+
+        return stop
 
     def _warmup(self) -> None:
         """Seed both latency models with a few timed forwards on a short dummy prefix, and
@@ -678,6 +782,34 @@ class Engine:
                     drop_last_token(state)
                 if times:
                     lat.observe(n, min(times))  # the quicker of two: less noise from neighbours
+
+    def _save_profile(self) -> None:
+        """Leave what this engine measured to the next engine on the same pair."""
+        profile = _Profile(
+            verify_latency=self.verify_latency,
+            draft_latency=self.draft_latency,
+            draft_prefill_per_token=self._draft_prefill_per_token,
+            prefill_per_token=self._prefill_per_token,
+            catch_up_per_token=self._catch_up_per_token,
+            accept_trials=self._accept_trials,
+            accept_hits=self._accept_hits,
+            spec_time_ratio=self._spec_time_ratio,
+            overhead=self._overhead,
+            calibrator=self.calibrator,
+        )
+        by_draft = _PROFILES.setdefault(self.target, weakref.WeakKeyDictionary())
+        by_draft[self.draft] = copy.deepcopy(profile)
+
+    def _load_profile(self, profile: _Profile) -> None:
+        p = copy.deepcopy(profile)
+        self.verify_latency, self.draft_latency = p.verify_latency, p.draft_latency
+        self._draft_prefill_per_token = p.draft_prefill_per_token
+        self._prefill_per_token = p.prefill_per_token
+        self._catch_up_per_token = p.catch_up_per_token
+        self._accept_trials, self._accept_hits = p.accept_trials, p.accept_hits
+        self._spec_time_ratio, self._overhead = p.spec_time_ratio, p.overhead
+        if self.calibrator is not None and p.calibrator is not None:
+            self.calibrator = p.calibrator
 
     def _auto_budget(
         self, cand: TokenTree, need: Tensor, cap: int | None, draft_seconds: float
@@ -731,6 +863,8 @@ class Engine:
             emitted, counts = self._plain_step()
         self.stats.steps += 1
         outputs = self._emit(emitted, counts)
+        if self.config.warmup and not self.has_unfinished():
+            self._save_profile()  # idle: the next engine on this pair starts from here
         if not first:
             return outputs
         merged = {o.request_id: o for o in first}
@@ -761,20 +895,12 @@ class Engine:
             caught_up = True
         t_beam = time.perf_counter()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
-        min_gain = 0.0
-        if (
-            cfg.budget == "auto"
-            and width > 1  # a chain's depth was planned from measured acceptance already
-            and self.verify_latency.observed
-            and self.draft_latency.observed
-        ):
-            # a further level must promise more accepted tokens than plain decoding would
-            # emit in the time it costs
-            level = float(self.draft_latency.predict(R * width))
-            min_gain = R * level / max(float(self.verify_latency.predict(R)), 1e-9)
+        stop = None
+        if cfg.budget == "auto" and self._planned_levels is not None:
+            stop = self._level_rule(R, width)
         dtree = grow_draft_tree(
             self.draft, self._draft_state, roots, depth, width,
-            temperature=temperature, top_k=top_k, top_p=top_p, min_gain=min_gain,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
         )  # fmt: skip
         t_draft = time.perf_counter()
         forwards = max(1, int(dtree.grown.depth.max()))  # levels grown (maybe fewer than depth)
@@ -834,8 +960,11 @@ class Engine:
         tried = torch.minimum(accepted + 1, sel.tree.depth.max(1).values.double().cpu())
         i = 0 if width == 1 else 1
         # only the kind that ran learns (and forgets): the other keeps its evidence
-        self._accept_trials[i] = _STATS_DECAY * self._accept_trials[i] + float(tried.sum())
-        self._accept_hits[i] = _STATS_DECAY * self._accept_hits[i] + float(accepted.sum())
+        self._accept_trials[i] = _PAIR_DECAY * self._accept_trials[i] + float(tried.sum())
+        self._accept_hits[i] = _PAIR_DECAY * self._accept_hits[i] + float(accepted.sum())
+        for req, t, a in zip(self._active, tried.tolist(), accepted.tolist(), strict=True):
+            req.trials[i] = _STATS_DECAY * req.trials[i] + t
+            req.hits[i] = _STATS_DECAY * req.hits[i] + a
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
         if self._planned_levels is not None and tunings() == tuned:
             # what the models predict for the levels really grown and nodes really verified

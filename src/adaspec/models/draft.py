@@ -13,6 +13,7 @@ The draft keeps a :class:`~adaspec.models.KVState` just like the target. One dra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -69,6 +70,7 @@ def grow_draft_tree(
     top_k: Param = None,
     top_p: Param = None,
     min_gain: float = 0.0,
+    stop: Callable[[TokenTree, Tensor], bool] | None = None,
 ) -> DraftTree:
     """Beam-expand candidate trees of up to ``depth`` levels and ``width`` nodes per level.
 
@@ -91,8 +93,12 @@ def grow_draft_tree(
         Stop growing early when the next level cannot add this many expected accepted
         tokens over the batch: before each further draft forward, the sum over requests of
         the frontier nodes' f (the most a level can add) is compared with it. 0 (the
-        default) always grows ``depth`` levels. The engine sets it to what a level costs in
-        tokens of plain decoding.
+        default) always grows ``depth`` levels.
+    stop : callable, optional
+        ``stop(tree, frontier) -> bool``, asked before each further draft forward with the
+        tree grown so far (a :class:`~adaspec.tree.TokenTree` of R rows, raw draft f) and
+        the (R, F) node indices of its frontier; True ends the growth there. The engine's
+        rule: stop when the level would lower the step's expected tokens per second.
 
     Returns
     -------
@@ -119,6 +125,8 @@ def grow_draft_tree(
         raise ValueError(f"depth must be an int >= 0, got {depth!r}")
     if not isinstance(min_gain, (int, float)) or not 0 <= min_gain < float("inf"):
         raise ValueError(f"min_gain must be a finite number >= 0, got {min_gain!r}")
+    if stop is not None and not callable(stop):
+        raise TypeError(f"stop must be a callable or None, got {type(stop).__name__}")
     dev = state.lens.device
     root_tokens = root_tokens.to(device=dev, dtype=torch.int64)
     grower = TreeGrower(root_tokens, width, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -140,6 +148,8 @@ def grow_draft_tree(
             bound = tree.logp.gather(1, frontier).exp().sum()
             if float(bound) < min_gain:
                 break
+        if stop is not None and stop(tree, frontier):
+            break
         R, W = frontier.shape
         visible = ancestor_mask(tree).gather(
             1, frontier.unsqueeze(2).expand(R, W, tree.max_nodes)
