@@ -38,6 +38,8 @@ def reference(target, prompt, n):
 
 
 PROMPTS = [[5, 9, 14, 3, 77, 21, 8], [42], [7, 7, 1, 60, 2, 33, 90, 11, 4, 4, 19, 70, 3], [88, 13]]
+# one much longer prompt: prefilled in a group of its own (see length_groups)
+PROMPTS.append([(7 * i + 3) % 97 + 1 for i in range(60)])
 
 
 @pytest.mark.parametrize(
@@ -56,7 +58,7 @@ def test_greedy_equals_target_generate_exactly_in_float64(pair64, config):
         assert seq == reference(target, prompt, 20)
     # verification emitted every token but each request's first (its prefill's), and
     # requests cut at length count fully
-    assert out.stats.spec.num_emitted_tokens.item() >= 4 * (20 - 1)
+    assert out.stats.spec.num_emitted_tokens.item() >= len(PROMPTS) * (20 - 1)
     if config.budget != "auto" and config.depth:  # auto may decide plain steps are faster here
         assert out.stats.spec.num_accepted_tokens.item() > 0, (
             "the noisy draft should be accepted sometimes"
@@ -158,7 +160,7 @@ def test_requests_join_and_finish_mid_run_and_cache_lengths_hold(pair64):
     steps = 0
     while engine.has_unfinished():
         if steps == 2:  # two more join while the first two run
-            for p, n in zip(PROMPTS[2:], lengths[2:], strict=True):
+            for p, n in zip(PROMPTS[2:4], lengths[2:], strict=True):
                 rid = engine.add_request(p, max_new_tokens=n)
                 want[rid] = reference(target, p, n)
         for out in engine.step():
@@ -310,3 +312,14 @@ def test_transformers_text_streamer_runs(pair64, capsys):
     streamer = TextStreamer(Ids(), skip_prompt=True)  # type: ignore[arg-type]
     out = generate(target, draft, [PROMPTS[1]], max_new_tokens=5, streamer=streamer, config=FIXED)
     assert capsys.readouterr().out.split() == [str(t) for t in out.sequences[0]]
+
+
+def test_prompts_are_prefilled_in_groups_of_similar_length() -> None:
+    from adaspec.engine.batching import length_groups
+
+    assert length_groups([100, 12, 14, 96]) == [[1, 2], [3, 0]]
+    assert length_groups([7]) == [[0]]
+    assert length_groups([50] * 5) == [[0, 1, 2, 3, 4]]
+    groups = length_groups([5, 300, 40, 41, 290, 6], slack=8)
+    assert sorted(i for g in groups for i in g) == list(range(6))  # each prompt once
+    assert groups == [[0, 5], [2, 3], [4, 1]]

@@ -63,6 +63,32 @@ def concat_states(first: KVState | None, second: KVState) -> KVState:
     )
 
 
+def length_groups(lengths: list[int], slack: int = 32) -> list[list[int]]:
+    """Indices of prompts grouped by length, shortest first, for prefills with little padding.
+
+    A batched prefill pads every prompt to the longest; on a CPU each padded token costs
+    as much as a real one, while a separate forward costs about ``slack`` tokens' worth of
+    fixed overhead. A group grows (in order of length) while the padding it would add stays
+    within ``slack`` tokens plus a tenth of its real tokens.
+
+    Example: ``length_groups([100, 12, 14, 96])`` is ``[[1, 2], [3, 0]]``.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None:
+            padded = (len(group) + 1) * lengths[i]  # i is the group's longest so far
+            if padded - (real + lengths[i]) <= slack + (real + lengths[i]) // 10:
+                group.append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
 def deferred_state(prompts: list[list[int]], device: torch.device) -> KVState:
     """A state that has cached nothing yet: each prompt but its last token waits in the backlog.
 

@@ -33,6 +33,7 @@ from adaspec.engine.batching import (
     concat_states,
     deferred_state,
     drop_last_token,
+    length_groups,
 )
 from adaspec.engine.latency import LatencyModel
 from adaspec.models import (
@@ -305,7 +306,7 @@ class _Request:
     generator: torch.Generator | None
     root: int
     output: list[int] = field(default_factory=list)
-    # decayed acceptance counts of this request (chains, wider beams), see _alphas
+    # decayed acceptance counts of this request (chains, wider beams), see Engine._alpha
     trials: list[float] = field(default_factory=lambda: [0.0, 0.0])
     hits: list[float] = field(default_factory=lambda: [0.0, 0.0])
     start: float | None = None
@@ -534,11 +535,19 @@ class Engine:
         t0 = time.perf_counter()
         # the prefill's logits give each request its first token, the root of its first
         # tree (not cached yet, like every root). The draft catches up on the prompt only
-        # when it first drafts for these requests.
+        # when it first drafts for these requests. Prompts of similar lengths are prefilled
+        # together (padding every prompt to the longest cost up to half the prefill)
+        groups = length_groups([len(r.prompt) for r in new])
+        new = [new[i] for group in groups for i in group]
         prompts = [r.prompt for r in new]
-        state, logits = prefill(self.target, prompts)  # logits [R_new, V]
-        first = self._first_tokens(new, logits)
-        self._target_state = concat_states(self._target_state, state)
+        first, padded, start = [], 0, 0
+        for group in groups:
+            part = prompts[start : start + len(group)]
+            state, logits = prefill(self.target, part)  # logits [len(group), V]
+            first += self._first_tokens(new[start : start + len(group)], logits)
+            self._target_state = concat_states(self._target_state, state)
+            padded += len(part) * max(len(p) for p in part)
+            start += len(group)
         self._draft_state = concat_states(
             self._draft_state,
             deferred_state([[*p, t] for p, t in zip(prompts, first, strict=True)], self.device),
@@ -547,7 +556,6 @@ class Engine:
         self._active.extend(new)
         now = time.perf_counter()
         self.stats.prefill_time += now - t0
-        padded = len(new) * max(len(p) for p in prompts)
         self._prefill_per_token = _mean(self._prefill_per_token, (now - t0) / padded)
         for r in new:
             r.start = now  # the decode clock starts at the first token
