@@ -681,7 +681,12 @@ class Engine:
                 levels = chain if w == 1 else depth
                 emitted = (alpha**d).cumsum(0)[: levels + 1]  # 1 + α + ... + α^d
                 level = float(self.draft_latency.predict(R * w))
-                predicted = first + (d - 1).clamp(min=0) * level + verify_s + spec_overhead
+                # a beam's verification is priced at every node it grows (the auto budget
+                # keeps most of them); pricing it as a chain's made beams look ~10 % cheaper
+                # than they were (Gemma's 262k output layer: 49 ms for 2 rows, 61 for 16)
+                nodes = (R * (1 + d * w)).clamp(max=max(self.config.max_tokens_per_step, R))
+                verify_w = verify_s if w == 1 else self.verify_latency.predict(nodes)
+                predicted = first + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
                 seconds = self._spec_time_ratio[i] * predicted[: levels + 1]
                 rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
                 k = int(rate[1:].argmax()) + 1
