@@ -613,13 +613,15 @@ class Engine:
         With the auto budget, each depth d and each width w in {1 (a chain), ``width``} is
         scored from measurements: the draft costs its first level (the roots with the
         accepted tokens it has not seen) and d - 1 further levels of the draft latency model
-        at R w tokens, verification the target latency model at R (d + 1) tokens, each kind
-        of step its measured overhead, all scaled by how much longer such steps really took
-        than so predicted (speculative and plain steps each their own ratio); a request
-        emits 1 + α + α² + ... + α^d tokens, where α is the measured rate at which the
-        target accepts a drafted level the accepted path reached (per width; before any
-        verification a prior of 0.9 worth eight trials). Per-request time per token follows
-        the same ratio, so this choice also serves the SLOs best.
+        at R w tokens, verification the target latency model at every node grown (R (d + 1)
+        for a chain, R (1 + d w) for a beam), each kind of step its measured overhead, all
+        scaled by how much longer such steps really took than so predicted (speculative and
+        plain steps each their own ratio); a request emits 1 + α + α² + ... + α^d tokens,
+        where α is the rate at which the target accepts a drafted level the accepted path
+        reached (per width, see :meth:`_alpha`). Per-request time per token follows the
+        same ratio, so this choice also serves the SLOs best. A chain is returned at its
+        longest (``_CHAIN_DEPTHS`` x ``depth``): :meth:`_level_rule` ends it where the
+        draft's confidence no longer pays.
         The first two steps decode plainly to measure what plain decoding costs at this
         batch; switching to speculation needs a predicted 10 % gain, staying with it only a
         gain, and a long run of speculation takes a plain step now and then to re-measure.
