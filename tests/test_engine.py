@@ -24,6 +24,16 @@ def noisy_copy(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Modu
     return draft
 
 
+@pytest.fixture(autouse=True)
+def _fresh_profiles():
+    """Each test starts with no pair profile (engines of earlier tests leave theirs)."""
+    from adaspec.engine.core import _PROFILES
+
+    _PROFILES.clear()
+    yield
+    _PROFILES.clear()
+
+
 @pytest.fixture(scope="module")
 def pair64():
     target = tiny_model(seed=0).double()

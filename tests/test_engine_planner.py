@@ -4,8 +4,16 @@ and how it keeps plain decoding measured."""
 import pytest
 
 from adaspec.engine import Engine, EngineConfig
-from adaspec.engine.core import _PROBE_EVERY
+from adaspec.engine.core import _PROBE_EVERY, _PROFILES
 from adaspec.models import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _fresh_profiles():
+    """Each test starts with no pair profile (engines of earlier tests leave theirs)."""
+    _PROFILES.clear()
+    yield
+    _PROFILES.clear()
 
 
 def planned(draft_cost: float, *, prompt_len: int = 4, max_new_tokens: int = 200) -> Engine:
@@ -53,7 +61,7 @@ def test_long_speculation_takes_a_plain_step_to_remeasure_and_goes_on():
 def test_staying_with_speculation_needs_no_margin_switching_to_it_does():
     # a draft for which speculation is predicted to be ~4 % faster than plain decoding
     eng = planned(0.7)
-    eng._accept_trials[:] = 100.0  # acceptance measured, not a prior: no probe bound
+    eng._accept_trials[:] = 100.0  # the pair's acceptance measured over many requests
     eng._accept_hits[:] = 85.0
     eng._spec_time_ratio = [1.0, 1.0]
     eng._plain_streak = 1
@@ -135,4 +143,60 @@ def test_a_later_engine_on_the_same_pair_skips_the_warm_up_and_keeps_what_was_le
         Engine(target, tiny_model(seed=2))
         assert calls[0] > 0
     finally:
+        handle.remove()
+
+
+def test_a_chain_never_verifies_more_than_the_step_bound():
+    eng = planned(0.01)  # a nearly free draft: the longest chain is the best plan
+    eng._accept_trials[:], eng._accept_hits[:] = 1000.0, 999.0
+    for R in (1, 8, 32):
+        for _ in range(R - len(eng._active)):
+            eng.add_request([1, 2, 3, 4], max_new_tokens=200)
+        eng._admit()
+        depth, width = eng._plan_shape(R, 4, 4)
+        assert width == 1
+        assert R * (depth + 1) <= max(eng.config.max_tokens_per_step, R)
+    capped = planned(0.01)
+    capped.config = EngineConfig(warmup=False, max_per_request=3)
+    assert capped._plan_shape(1, 4, 4)[0] <= 2  # root + 2 drafted = 3 nodes per request
+
+
+def test_the_batchs_acceptance_is_the_mean_of_its_requests():
+    eng = planned(0.1)
+    eng.add_request([5, 6], max_new_tokens=10)
+    eng._admit()
+    a, b = eng._active
+    a.trials[0], a.hits[0] = 40.0, 40.0
+    b.trials[0], b.hits[0] = 40.0, 0.0
+    alpha, trials = eng._alpha(0)
+    pair = 0.93
+    expected = ((40 + 8 * pair) / 48 + (0 + 8 * pair) / 48) / 2
+    assert abs(alpha - expected) < 1e-9
+    assert trials == 48.0
+
+
+def test_a_profile_survives_an_engine_that_does_not_calibrate_and_a_new_setting_rewarms():
+    import torch
+
+    target, draft = tiny_model(seed=0), tiny_model(seed=1)
+    first = Engine(target, draft)
+    assert first.calibrator is not None
+    first.calibrator.steps = 7  # something learned
+    first._save_profile()
+    plain = Engine(target, draft, config=EngineConfig(calibrate=False))
+    plain.add_request([1, 2, 3], max_new_tokens=2)
+    while plain.has_unfinished():
+        plain.step()
+    later = Engine(target, draft)
+    assert later.calibrator is not None
+    assert later.calibrator.steps == 7
+    threads = torch.get_num_threads()
+    calls = [0]
+    handle = target.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        torch.set_num_threads(threads + 1)
+        Engine(target, draft)  # latencies measured under another thread count: warm up again
+        assert calls[0] > 0
+    finally:
+        torch.set_num_threads(threads)
         handle.remove()

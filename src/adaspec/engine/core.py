@@ -57,10 +57,10 @@ __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "Ru
 _PROBE_EVERY = 8
 _PROBE_MAX = 128
 # acceptance: each drafted level the accepted path reaches is one trial, kept when the
-# target accepts its token. Before any verification the plan assumes this acceptance rate,
-# worth _PRIOR_WEIGHT trials: top-1 agreement of the shipped int8-weight drafts with their
-# targets is 0.92-0.96 (int8 dynamic ones: 0.49-0.69, found out within a few steps); with
-# fewer, one unlucky step (2 of 3 accepted) switched SmolLM2 to plain decoding for good
+# target accepts its token. Before any verification the pair's rate is _PRIOR_ACCEPT
+# (worth _PAIR_PRIOR_WEIGHT trials): top-1 agreement of the shipped int8-weight drafts
+# with their targets is 0.92-0.97 (int8 dynamic ones: 0.49-0.69, found out within a few
+# steps). A request's own rate starts at the pair's, worth _PRIOR_WEIGHT trials
 _PRIOR_ACCEPT = 0.93
 _PRIOR_WEIGHT = 8.0
 # weight of the past in the acceptance counts and in the measured step overheads, per step
@@ -94,7 +94,10 @@ class _Profile:
     The first engine on a pair runs the warm-up; every later one in the process starts
     from the profile the last one left (its latency models, the prices of catch-ups and
     step overheads, and the decayed acceptance counts) instead of paying the warm-up
-    again (3-6 s on the shipped CPU pairs: longer than many a generate() call).
+    again (3-6 s on the shipped CPU pairs: longer than many a generate() call). A profile
+    is left whenever an engine runs out of requests; of two engines running at once on
+    one pair, the one that goes idle last leaves its own. Moving or casting a model, or
+    changing torch's thread count, makes the next engine warm up again.
     """
 
     verify_latency: LatencyModel
@@ -107,6 +110,8 @@ class _Profile:
     spec_time_ratio: list[float]
     overhead: list[float]
     calibrator: Calibrator | None
+    # what the latencies were measured under: each model's device and dtype, torch's threads
+    setting: tuple[object, ...]
 
 
 # target -> draft -> profile; an entry goes away with either model
@@ -409,7 +414,7 @@ class Engine:
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
-            if profile is None:
+            if profile is None or profile.setting != self._setting():
                 self._warmup()
                 self._save_profile()
             else:
@@ -541,13 +546,16 @@ class Engine:
         new = [new[i] for group in groups for i in group]
         prompts = [r.prompt for r in new]
         first, padded, start = [], 0, 0
+        joined: KVState | None = None
         for group in groups:
             part = prompts[start : start + len(group)]
             state, logits = prefill(self.target, part)  # logits [len(group), V]
             first += self._first_tokens(new[start : start + len(group)], logits)
-            self._target_state = concat_states(self._target_state, state)
+            joined = concat_states(joined, state)
             padded += len(part) * max(len(p) for p in part)
             start += len(group)
+        assert joined is not None
+        self._target_state = concat_states(self._target_state, joined)
         self._draft_state = concat_states(
             self._draft_state,
             deferred_state([[*p, t] for p, t in zip(prompts, first, strict=True)], self.device),
@@ -582,6 +590,8 @@ class Engine:
             self._draft_state = self._draft_state.select(keep)
         else:
             self._target_state = self._draft_state = None
+            if self.config.warmup and not self._waiting:
+                self._save_profile()  # idle: the next engine on this pair starts from here
 
     # ------------------------------------------------------------------ the step
     def _sampling(self) -> tuple[float | Tensor, Tensor | None, Tensor | None, bool]:
@@ -614,14 +624,15 @@ class Engine:
         scored from measurements: the draft costs its first level (the roots with the
         accepted tokens it has not seen) and d - 1 further levels of the draft latency model
         at R w tokens, verification the target latency model at every node grown (R (d + 1)
-        for a chain, R (1 + d w) for a beam), each kind of step its measured overhead, all
-        scaled by how much longer such steps really took than so predicted (speculative and
-        plain steps each their own ratio); a request emits 1 + α + α² + ... + α^d tokens,
+        for a chain, R (1 + d w) for a beam, at most the step's token bound), each kind of
+        step its measured overhead, all scaled by how much longer such steps really took
+        than so predicted (speculative and plain steps each their own ratio); a request emits 1 + α + α² + ... + α^d tokens,
         where α is the rate at which the target accepts a drafted level the accepted path
         reached (per width, see :meth:`_alpha`). Per-request time per token follows the
-        same ratio, so this choice also serves the SLOs best. A chain is returned at its
-        longest (``_CHAIN_DEPTHS`` x ``depth``): :meth:`_level_rule` ends it where the
-        draft's confidence no longer pays.
+        same ratio, so this choice also serves the SLOs best. A chosen chain is returned at
+        its longest (``_CHAIN_DEPTHS`` x ``depth``, within the step's token bound and the
+        per-request cap): :meth:`_level_rule` ends it where the draft's confidence no
+        longer pays (a probe keeps the depth its optimistic rate was best at).
         The first two steps decode plainly to measure what plain decoding costs at this
         batch; switching to speculation needs a predicted 10 % gain, staying with it only a
         gain, and a long run of speculation takes a plain step now and then to re-measure.
@@ -639,8 +650,12 @@ class Engine:
             # alone; the quicker of two, as a first step after a prefill ran 25 % slower)
             return 0, width
         # a chain may grow to _CHAIN_DEPTHS times the beam's depth: the draft's confidence
-        # stops it where a further level no longer pays (_level_rule)
-        chain = _CHAIN_DEPTHS * depth
+        # stops it where a further level no longer pays (_level_rule). It verifies all it
+        # grows: no longer than the step's token bound and the per-request cap allow
+        cap = max(self.config.max_tokens_per_step, R) // R
+        if self.config.max_per_request is not None:
+            cap = min(cap, self.config.max_per_request)
+        chain = max(1, min(_CHAIN_DEPTHS * depth, cap - 1))
         d = torch.arange(chain + 1, dtype=torch.float64)  # depths, and powers of α
         verify_s = self.verify_latency.predict(R * (d + 1))  # [chain + 1]
         plain_s = max(self._plain_time_ratio * (float(verify_s[0]) + self._overhead[0]), 1e-9)
@@ -734,6 +749,8 @@ class Engine:
             (self._accept_hits[i] + _PAIR_PRIOR_WEIGHT * _PRIOR_ACCEPT)
             / (self._accept_trials[i] + _PAIR_PRIOR_WEIGHT)
         )
+        if not self._active:
+            return pair, float(self._accept_trials[i]) + _PAIR_PRIOR_WEIGHT
         rates = [
             (r.hits[i] + _PRIOR_WEIGHT * pair) / (r.trials[i] + _PRIOR_WEIGHT) for r in self._active
         ]
@@ -798,8 +815,18 @@ class Engine:
                 if times:
                     lat.observe(n, min(times))  # the quicker of two: less noise from neighbours
 
+    def _setting(self) -> tuple[object, ...]:
+        """What latencies depend on besides the models: their devices, dtypes, threads."""
+        first = [next(m.parameters()) for m in (self.target, self.draft)]
+        return (*((p.device, p.dtype) for p in first), torch.get_num_threads())
+
     def _save_profile(self) -> None:
         """Leave what this engine measured to the next engine on the same pair."""
+        by_draft = _PROFILES.setdefault(self.target, weakref.WeakKeyDictionary())
+        calibrator = self.calibrator
+        old = by_draft.get(self.draft)
+        if calibrator is None and old is not None:
+            calibrator = old.calibrator  # an engine that does not calibrate keeps the last one
         profile = _Profile(
             verify_latency=self.verify_latency,
             draft_latency=self.draft_latency,
@@ -810,9 +837,9 @@ class Engine:
             accept_hits=self._accept_hits,
             spec_time_ratio=self._spec_time_ratio,
             overhead=self._overhead,
-            calibrator=self.calibrator,
+            calibrator=calibrator,
+            setting=self._setting(),
         )
-        by_draft = _PROFILES.setdefault(self.target, weakref.WeakKeyDictionary())
         by_draft[self.draft] = copy.deepcopy(profile)
 
     def _load_profile(self, profile: _Profile) -> None:
@@ -878,8 +905,6 @@ class Engine:
             emitted, counts = self._plain_step()
         self.stats.steps += 1
         outputs = self._emit(emitted, counts)
-        if self.config.warmup and not self.has_unfinished():
-            self._save_profile()  # idle: the next engine on this pair starts from here
         if not first:
             return outputs
         merged = {o.request_id: o for o in first}
