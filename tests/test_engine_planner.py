@@ -200,3 +200,17 @@ def test_a_profile_survives_an_engine_that_does_not_calibrate_and_a_new_setting_
     finally:
         torch.set_num_threads(threads)
         handle.remove()
+
+
+def test_measured_chain_steps_outweigh_a_pessimistic_acceptance_model():
+    # a draft level at 0.6 of a target step and a pair acceptance measured at 0.6: the α
+    # model alone says plain decoding is faster
+    eng = planned(0.6)
+    eng._accept_trials[:], eng._accept_hits[:] = 500.0, 300.0
+    eng._spec_time_ratio = [1.0, 1.0]
+    eng._plain_streak = 1
+    assert eng._plan_shape(1, 4, 1)[0] == 0
+    # ... but recent chains, whose depth followed the draft's confidence, emitted 6 tokens
+    # per step for 6 levels: about 1.3x plain decoding at this price
+    eng._chain_steps = [6.0 * 10, 6.0 * 10, 10.0]
+    assert eng._plan_shape(1, 4, 1)[0] > 0

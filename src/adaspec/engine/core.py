@@ -110,6 +110,7 @@ class _Profile:
     spec_time_ratio: list[float]
     overhead: list[float]
     calibrator: Calibrator | None
+    chain_steps: list[float]
     # what the latencies were measured under: each model's device and dtype, torch's threads
     setting: tuple[object, ...]
 
@@ -407,6 +408,8 @@ class Engine:
         self._plain_samples = 0
         self._planned_levels: tuple[float, float] | None = None  # first level, further ones
         self._plain_streak = 0  # plain steps since the last speculative one
+        # decayed sums over chain steps: tokens emitted per request, levels grown, steps
+        self._chain_steps = [0.0, 0.0, 0.0]
         # speculative steps since the plan last chose plain decoding (re-measuring plain
         # steps among them do not end the run)
         self._spec_streak = 0
@@ -666,7 +669,9 @@ class Engine:
         backlog = int((self._draft_state.backlog >= 0).sum(1).max())
         catch_up_s = 0.0
         if backlog > _CATCH_UP_MIN and self.draft_latency.observed:
-            # seconds per token of the last catch-ups, else of the warm-up's draft prefill
+            # one draft forward's fixed cost, and per (padded) token what the last catch-ups
+            # took beyond it, else the warm-up's draft prefill (a flat rate per token, from
+            # a 55-token catch-up, priced SmolLM2's 150-token prompts 25 % high)
             per_token = self._catch_up_per_token or self._draft_prefill_per_token
             if per_token == 0.0:  # neither (no warm-up): the target's prefill, scaled by
                 # the draft's cost relative to the target's at the largest observed size
@@ -675,7 +680,7 @@ class Engine:
                     min=1e-9
                 )
                 per_token = self._prefill_per_token * float(ratio)
-            catch_up_s = R * backlog * per_token
+            catch_up_s = float(self.draft_latency.predict(R)) + R * backlog * per_token
         remaining = sum(r.max_new_tokens - len(r.output) for r in self._active)
         spec_overhead = self._overhead[1] or self._overhead[0]  # before any speculative step
         # the draft's first level forwards each root together with a short backlog (the
@@ -708,6 +713,13 @@ class Engine:
                 rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
+                if w == 1 and not optimistic and self._chain_steps[2] > 0:
+                    # what chains really did: their depth follows the draft's confidence,
+                    # which the model above (one α for every level) does not see; it
+                    # predicted 22-24 tok/s where SmolLM2's chains ran at 28-33
+                    spec_rate = self._blend_measured_chains(
+                        spec_rate, R, first, level, spec_overhead
+                    )
                 # the catch-up pays when plain decoding of what remains takes longer than
                 # speculating on it after catching up (a probe's, on its optimistic rate,
                 # by the margin)
@@ -757,6 +769,24 @@ class Engine:
         trials = sum(r.trials[i] for r in self._active) / len(self._active)
         return sum(rates) / len(rates), trials + _PRIOR_WEIGHT
 
+    def _blend_measured_chains(
+        self, modelled: float, R: int, first: float, level: float, overhead: float
+    ) -> float:
+        """A chain's expected tokens per second: the α model's rate ``modelled`` blended
+        with what recent chain steps emitted per request for the levels they grew, priced
+        at this batch (the measured part weighs as many steps as it rests on, against 2).
+        """
+        tokens, levels, steps = self._chain_steps
+        tau, depth = tokens / steps, max(levels / steps, 1.0)
+        seconds = self._spec_time_ratio[0] * (
+            first
+            + (depth - 1) * level
+            + float(self.verify_latency.predict(R * (depth + 1)))
+            + overhead
+        )
+        measured = R * tau / max(seconds, 1e-9)
+        return (2 * modelled + steps * measured) / (2 + steps)
+
     def _level_rule(self, R: int, width: int) -> Callable[[TokenTree, Tensor], bool]:
         """When the draft should stop growing this step's trees (``grow_draft_tree``'s
         ``stop``): when a further level would lower the step's expected tokens per second.
@@ -793,6 +823,7 @@ class Engine:
     def _warmup(self) -> None:
         """Seed both latency models with a few timed forwards on a short dummy prefix, and
         the draft's catch-up price with its prefill of that prefix."""
+        draft_prefill = 0.0
         for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
             state, _ = prefill(model, [[0] * 128])  # a typical context length
             if model is self.draft:
@@ -801,7 +832,7 @@ class Engine:
                 # decoding priced Gemma's catch-up at half what it took
                 t0 = time.perf_counter()
                 state, _ = prefill(model, [[0] * 128])
-                self._draft_prefill_per_token = (time.perf_counter() - t0) / 128
+                draft_prefill = time.perf_counter() - t0
             for n in (*range(1, 9), 16, 32):
                 tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
                 times = []
@@ -814,6 +845,9 @@ class Engine:
                     drop_last_token(state)
                 if times:
                     lat.observe(n, min(times))  # the quicker of two: less noise from neighbours
+        # the prefill per token beyond one forward's fixed cost (as catch-ups are priced)
+        fixed = float(self.draft_latency.predict(1)) if self.draft_latency.observed else 0.0
+        self._draft_prefill_per_token = max(draft_prefill - fixed, 0.0) / 128
 
     def _setting(self) -> tuple[object, ...]:
         """What latencies depend on besides the models: their devices, dtypes, threads."""
@@ -838,6 +872,7 @@ class Engine:
             spec_time_ratio=self._spec_time_ratio,
             overhead=self._overhead,
             calibrator=calibrator,
+            chain_steps=self._chain_steps,
             setting=self._setting(),
         )
         by_draft[self.draft] = copy.deepcopy(profile)
@@ -850,6 +885,7 @@ class Engine:
         self._catch_up_per_token = p.catch_up_per_token
         self._accept_trials, self._accept_hits = p.accept_trials, p.accept_hits
         self._spec_time_ratio, self._overhead = p.spec_time_ratio, p.overhead
+        self._chain_steps = p.chain_steps
         if self.calibrator is not None and p.calibrator is not None:
             self.calibrator = p.calibrator
 
@@ -994,6 +1030,14 @@ class Engine:
         self.stats.spec = self.stats.spec.update(res, sel.tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
+        if width == 1 and self._planned_levels is not None:  # a planned (auto) chain
+            tokens = float(res.num_emitted.double().mean())
+            sums = self._chain_steps
+            self._chain_steps = [
+                _STATS_DECAY * sums[0] + tokens,
+                _STATS_DECAY * sums[1] + forwards,
+                _STATS_DECAY * sums[2] + 1.0,
+            ]
         # acceptance: each request tried the levels up to the first rejected one (or all it
         # had selected), and kept the accepted ones
         accepted = res.num_accepted.double().cpu()  # [R]
@@ -1019,8 +1063,10 @@ class Engine:
                 self._spec_time_ratio[i], t_end - t_beam, predicted
             )
             self._planned_levels = None
-        if caught_up:
-            seconds = (t_beam - t_start) / (R * backlog.shape[1])
+        if caught_up:  # per padded token, beyond one forward's fixed cost
+            observed = self.draft_latency.observed
+            fixed = float(self.draft_latency.predict(R)) if observed else 0.0
+            seconds = max(t_beam - t_start - fixed, 0.0) / (R * backlog.shape[1])
             self._catch_up_per_token = _mean(self._catch_up_per_token, seconds)
         self._plain_streak = 0
         self._spec_streak += 1
