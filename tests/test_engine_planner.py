@@ -214,3 +214,11 @@ def test_measured_chain_steps_outweigh_a_pessimistic_acceptance_model():
     # per step for 6 levels: about 1.3x plain decoding at this price
     eng._chain_steps = [6.0 * 10, 6.0 * 10, 10.0]
     assert eng._plan_shape(1, 4, 1)[0] > 0
+
+
+def test_poor_chain_steps_of_one_prompt_do_not_keep_the_next_ones_plain():
+    eng = planned(0.1)  # a cheap draft: the α model says speculate
+    eng._plain_streak = 1
+    assert eng._plan_shape(1, 4, 1)[0] > 0
+    eng._chain_steps = [1.0 * 10, 1.0 * 10, 10.0]  # the last prompt's chains: nothing accepted
+    assert eng._plan_shape(1, 4, 1)[0] > 0  # the model (with this request's own α) decides

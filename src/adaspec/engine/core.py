@@ -772,8 +772,8 @@ class Engine:
     def _blend_measured_chains(
         self, modelled: float, R: int, first: float, level: float, overhead: float
     ) -> float:
-        """A chain's expected tokens per second: the α model's rate ``modelled`` blended
-        with what recent chain steps emitted per request for the levels they grew, priced
+        """A chain's expected tokens per second: the α model's rate ``modelled``, raised
+        toward what recent chain steps emitted per request for the levels they grew, priced
         at this batch (the measured part weighs as many steps as it rests on, against 2).
         """
         tokens, levels, steps = self._chain_steps
@@ -785,7 +785,10 @@ class Engine:
             + overhead
         )
         measured = R * tau / max(seconds, 1e-9)
-        return (2 * modelled + steps * measured) / (2 + steps)
+        # only ever raises the model's rate: chain steps of one poorly predicted prompt
+        # otherwise kept every later prompt plain, with no chain step left to correct them
+        # (a request's own acceptance rate already lowers the model's)
+        return max(modelled, (2 * modelled + steps * measured) / (2 + steps))
 
     def _level_rule(self, R: int, width: int) -> Callable[[TokenTree, Tensor], bool]:
         """When the draft should stop growing this step's trees (``grow_draft_tree``'s
