@@ -661,8 +661,7 @@ class Engine:
         chain = max(1, min(_CHAIN_DEPTHS * depth, cap - 1))
         d = torch.arange(chain + 1, dtype=torch.float64)  # depths, and powers of α
         verify_s = self.verify_latency.predict(R * (d + 1))  # [chain + 1]
-        plain_s = max(self._plain_time_ratio * (float(verify_s[0]) + self._overhead[0]), 1e-9)
-        plain_rate = R / plain_s
+        plain_rate = self._plain_rate(R)
         # the draft's one-off catch-up over what it has not seen (prompts, plain steps),
         # repaid only by the tokens still to come
         assert self._draft_state is not None
@@ -717,9 +716,7 @@ class Engine:
                     # what chains really did: their depth follows the draft's confidence,
                     # which the model above (one α for every level) does not see; it
                     # predicted 22-24 tok/s where SmolLM2's chains ran at 28-33
-                    spec_rate = self._blend_measured_chains(
-                        spec_rate, R, first, level, spec_overhead
-                    )
+                    spec_rate = self._blend_measured_chains(spec_rate, R, first, level)
                 # the catch-up pays when plain decoding of what remains takes longer than
                 # speculating on it after catching up (a probe's, on its optimistic rate,
                 # by the margin)
@@ -769,20 +766,32 @@ class Engine:
         trials = sum(r.trials[i] for r in self._active) / len(self._active)
         return sum(rates) / len(rates), trials + _PRIOR_WEIGHT
 
-    def _blend_measured_chains(
-        self, modelled: float, R: int, first: float, level: float, overhead: float
-    ) -> float:
+    def _plain_rate(self, R: int) -> float:
+        """Predicted tokens per second of a plain step of R requests (as measured at R)."""
+        seconds = self._plain_time_ratio * (
+            float(self.verify_latency.predict(R)) + self._overhead[0]
+        )
+        return R / max(seconds, 1e-9)
+
+    def _spec_seconds(self, first: float, level: float, levels: float, verified: float) -> float:
+        """Predicted seconds of a speculative step (before the measured ratio ρ): the draft's
+        first level, ``levels - 1`` further ones, verifying ``verified`` tokens, overhead."""
+        return (
+            first
+            + (levels - 1) * level
+            + float(self.verify_latency.predict(verified))
+            + (self._overhead[1] or self._overhead[0])
+        )
+
+    def _blend_measured_chains(self, modelled: float, R: int, first: float, level: float) -> float:
         """A chain's expected tokens per second: the α model's rate ``modelled``, raised
         toward what recent chain steps emitted per request for the levels they grew, priced
         at this batch (the measured part weighs as many steps as it rests on, against 2).
         """
         tokens, levels, steps = self._chain_steps
         tau, depth = tokens / steps, max(levels / steps, 1.0)
-        seconds = self._spec_time_ratio[0] * (
-            first
-            + (depth - 1) * level
-            + float(self.verify_latency.predict(R * (depth + 1)))
-            + overhead
+        seconds = self._spec_time_ratio[0] * self._spec_seconds(
+            first, level, depth, R * (depth + 1)
         )
         measured = R * tau / max(seconds, 1e-9)
         # only ever raises the model's rate: chain steps of one poorly predicted prompt
@@ -804,10 +813,9 @@ class Engine:
         assert self._planned_levels is not None
         first, level = self._planned_levels
         ratio = self._spec_time_ratio[0 if width == 1 else 1]
-        overhead = self._overhead[1] or self._overhead[0]
         cap = self.config.max_tokens_per_step
         verify = self.verify_latency.predict
-        plain_rate = R / max(self._plain_time_ratio * (float(verify(R)) + self._overhead[0]), 1e-9)
+        plain_rate = self._plain_rate(R)
         calibrator = self.calibrator
 
         def stop(tree: TokenTree, frontier: Tensor) -> bool:
@@ -817,7 +825,7 @@ class Engine:
             expected, gain = float(f.sum()), float(f.gather(1, frontier).sum())
             levels = int(tree.depth.max())
             n = min(R * (levels * width + 1), cap)
-            seconds = ratio * (first + (levels - 1) * level + float(verify(n)) + overhead)
+            seconds = ratio * self._spec_seconds(first, level, levels, n)
             more = ratio * (level + float(verify(min(n + R * width, cap))) - float(verify(n)))
             return gain < max(expected / max(seconds, 1e-9), plain_rate) * more
 
@@ -1056,12 +1064,7 @@ class Engine:
         if self._planned_levels is not None and tunings() == tuned:
             # what the models predict for the levels really grown and nodes really verified
             first, level = self._planned_levels
-            predicted = (
-                first
-                + (forwards - 1) * level
-                + float(self.verify_latency.predict(n_tokens))
-                + (self._overhead[1] or self._overhead[0])
-            )
+            predicted = self._spec_seconds(first, level, forwards, n_tokens)
             self._spec_time_ratio[i] = _mean_ratio(
                 self._spec_time_ratio[i], t_end - t_beam, predicted
             )
