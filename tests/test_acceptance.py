@@ -267,6 +267,21 @@ def test_calibrator_learns_a_monotone_curve():
         assert (est[inner] - want[inner]).abs().max() < 0.04
 
 
+def test_a_few_hundred_trials_correct_an_underconfident_draft_in_every_bin():
+    # a quantized copy of the target: its q of 0.3 is accepted ~80 % of the time. 300
+    # trials leave most bins with a handful of trials or none (q is mostly high)
+    g = torch.Generator().manual_seed(1)
+    q = torch.rand(300, generator=g).sqrt()
+    truth = torch.sigmoid(torch.logit(q) + 2.5)
+    cal = Calibrator()
+    cal.observe_edges(torch.ones(300, dtype=torch.int64), q, torch.rand(300, generator=g) < truth)
+    grid = torch.linspace(0.05, 0.95, 19)
+    est = cal.edge_probs(torch.ones(19, dtype=torch.int64), grid)
+    want = torch.sigmoid(torch.logit(grid) + 2.5)
+    assert (est - want).abs().mean() < 0.06  # the draft's own q is off by 0.36 on average
+    assert (grid - want).abs().mean() > 0.3
+
+
 @given(token_trees(max_requests=3, max_nodes=8), st.integers(0, 2**31 - 1))
 def test_calibrator_observe_and_apply_keep_the_tree_valid(tree, seed):
     cal = Calibrator(num_bins=5, depth_buckets=2)
