@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from collections.abc import Iterable
 
 import torch
@@ -17,29 +18,39 @@ class LatencyModel:
     """Piecewise-linear latency over token counts, fitted online from measured steps.
 
     Token counts are grouped into buckets around a grid (1, 2, 4, ..., 2048 by default);
-    each bucket keeps an exponential moving average of the token counts and seconds
-    observed in it, and when one bucket's average moves by a factor, the others move by the
-    same factor: costs of all sizes drift together as contexts grow or the machine gets
-    busier, while only the sizes in use are measured. A sample more than 3x away from its
-    bucket's average counts as a 3x one (a stalled forward should not swing the plan). :meth:`predict` interpolates linearly between the bucket averages,
-    made non-decreasing, and extrapolates past the last bucket with the last segment's
-    slope (or proportionally, with a single bucket). AdaServe profiles the target the same
-    way (a table of verified tokens -> latency, interpolated).
+    each bucket keeps its last ``window`` samples and stands for their mean token count and
+    the lower median of their seconds: one stalled forward (first use of a shape, a busy
+    neighbour) moves nothing, as long as most recent samples are normal. (A moving average
+    moved 1.6x on one 3x stall; on a draft that is timed only while speculating, the plan
+    then decoded plainly and never re-measured it.) When one bucket's median moves by a
+    factor, the others move by the same factor: costs of all sizes drift together as
+    contexts grow or the machine gets busier, while only the sizes in use are measured.
+    :meth:`predict` interpolates linearly between the buckets, made non-decreasing, and
+    extrapolates past the last bucket with the last segment's slope (or proportionally,
+    with a single bucket). AdaServe profiles the target the same way (a table of verified
+    tokens -> latency, interpolated).
 
     Args:
         grid: ascending token counts that centre the buckets.
-        decay: weight of a new observation in its bucket's moving average (0 < decay <= 1).
+        window: recent samples each bucket keeps (>= 1; 1 follows the last sample).
+
+    Example:
+        >>> lat = LatencyModel()
+        >>> for seconds in (0.020, 0.021, 0.090, 0.019):  # one stalled forward
+        ...     lat.observe(1, seconds)
+        >>> lat.observe(16, 0.040)
+        >>> round(float(lat.predict(1)), 3), round(float(lat.predict(8.5)), 3)
+        (0.02, 0.03)
     """
 
-    def __init__(self, grid: Iterable[int] = _DEFAULT_GRID, decay: float = 0.3) -> None:
+    def __init__(self, grid: Iterable[int] = _DEFAULT_GRID, window: int = 5) -> None:
         self.grid = sorted({int(g) for g in grid})
         if not self.grid or self.grid[0] < 1:
             raise ValueError(f"grid must hold token counts >= 1, got {self.grid}")
-        if not 0 < decay <= 1:
-            raise ValueError(f"decay must lie in (0, 1], got {decay}")
-        self.decay = decay
-        self._tokens: dict[int, float] = {}
-        self._seconds: dict[int, float] = {}
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
+        self.window = window
+        self._samples: dict[int, deque[tuple[float, float]]] = {}  # bucket -> (tokens, s)
         self._fit: tuple[list[float], list[float]] | None = None
 
     def _bucket(self, tokens: float) -> int:
@@ -53,40 +64,38 @@ class LatencyModel:
     @property
     def observed(self) -> bool:
         """Whether any step has been observed."""
-        return bool(self._seconds)
+        return bool(self._samples)
+
+    def _seconds(self, b: int) -> float:
+        """The lower median of bucket ``b``'s samples (of two, the quicker)."""
+        times = sorted(s for _, s in self._samples[b])
+        return times[(len(times) - 1) // 2]
 
     def observe(self, tokens: int, seconds: float) -> None:
         """Record one measured forward of ``tokens`` tokens that took ``seconds``."""
         if tokens < 1 or not seconds >= 0:
             raise ValueError(f"need tokens >= 1 and seconds >= 0, got {tokens}, {seconds}")
         b = self._bucket(tokens)
-        if b in self._seconds:
-            a = self.decay
-            old = self._seconds[b]
-            # one stalled forward (first use of a shape, a busy machine) moves the average
-            # at most as much as a 3x sample would
-            seconds = min(max(seconds, old / 3), 3 * old)
-            self._tokens[b] = (1 - a) * self._tokens[b] + a * tokens
-            self._seconds[b] = (1 - a) * old + a * seconds
-            if old > 0:
-                # forwards of every size drift together (longer contexts, more requests,
-                # a busier machine): the buckets not measured now follow this one's change
-                ratio = self._seconds[b] / old
-                for k in self._seconds:
-                    if k != b:
-                        self._seconds[k] *= ratio
-        else:
-            self._tokens[b] = float(tokens)
-            self._seconds[b] = float(seconds)
+        samples = self._samples.setdefault(b, deque(maxlen=self.window))
+        old = self._seconds(b) if samples else 0.0
+        samples.append((float(tokens), float(seconds)))
+        new = self._seconds(b)
+        if old > 0 and new != old:
+            # forwards of every size drift together (longer contexts, more requests, a
+            # busier machine): the buckets not measured now follow this one's change
+            ratio = new / old
+            for k, other in self._samples.items():
+                if k != b:
+                    self._samples[k] = deque(((t, s * ratio) for t, s in other), other.maxlen)
         self._fit = None
 
     def _points(self) -> tuple[list[float], list[float]]:
         if self._fit is None:
-            keys = sorted(self._seconds)
-            xs = [self._tokens[k] for k in keys]
+            keys = sorted(self._samples)
+            xs = [sum(t for t, _ in self._samples[k]) / len(self._samples[k]) for k in keys]
             ys: list[float] = []
             for k in keys:  # a forward of more tokens never costs less
-                ys.append(max(self._seconds[k], ys[-1] if ys else 0.0))
+                ys.append(max(self._seconds(k), ys[-1] if ys else 0.0))
             self._fit = (xs, ys)
         return self._fit
 
@@ -108,9 +117,9 @@ class LatencyModel:
         return out.clamp(min=0.0)
 
     def state_dict(self) -> dict[str, object]:
+        """The grid, window and every bucket's samples (plain numbers)."""
         return {
             "grid": list(self.grid),
-            "decay": self.decay,
-            "tokens": dict(self._tokens),
-            "seconds": dict(self._seconds),
+            "window": self.window,
+            "samples": {k: list(v) for k, v in self._samples.items()},
         }

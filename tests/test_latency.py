@@ -1,0 +1,51 @@
+"""The step-latency model: interpolation, robustness to stalled forwards, drift."""
+
+import pytest
+import torch
+
+from adaspec.engine import LatencyModel
+
+
+def test_interpolates_between_buckets_and_never_decreases():
+    lat = LatencyModel()
+    for n, s in ((1, 0.010), (8, 0.030), (32, 0.025), (64, 0.080)):  # 32: a noisy dip
+        lat.observe(n, s)
+    assert float(lat.predict(1)) == pytest.approx(0.010)
+    assert float(lat.predict(4.5)) == pytest.approx(0.020)
+    pred = lat.predict(torch.arange(1, 100))
+    assert (pred[1:] >= pred[:-1]).all()
+    assert float(lat.predict(96)) == pytest.approx(0.080 + 32 * (0.080 - 0.030) / 32)
+
+
+def test_one_stalled_forward_moves_nothing():
+    lat = LatencyModel()
+    for s in (0.025, 0.026, 0.024):
+        lat.observe(1, s)
+    lat.observe(4, 0.030)
+    before = lat.predict(torch.tensor([1.0, 4.0]))
+    lat.observe(1, 0.075)  # a 3x stall
+    assert torch.equal(lat.predict(torch.tensor([1.0, 4.0])), before)
+
+
+def test_a_lasting_change_moves_every_bucket_together():
+    lat = LatencyModel(window=3)
+    lat.observe(1, 0.020)
+    lat.observe(16, 0.040)
+    for _ in range(3):  # the machine got 1.5x slower: only size 1 is measured
+        lat.observe(1, 0.030)
+    assert float(lat.predict(1)) == pytest.approx(0.030)
+    assert float(lat.predict(16)) == pytest.approx(0.060)
+
+
+def test_state_dict_and_bad_input():
+    lat = LatencyModel(grid=(1, 4), window=2)
+    lat.observe(3, 0.5)
+    assert lat.state_dict() == {"grid": [1, 4], "window": 2, "samples": {1: [(3.0, 0.5)]}}
+    with pytest.raises(ValueError, match="no observations"):
+        LatencyModel().predict(1)
+    with pytest.raises(ValueError, match="window"):
+        LatencyModel(window=0)
+    with pytest.raises(ValueError, match="grid"):
+        LatencyModel(grid=[0, 2])
+    with pytest.raises(ValueError, match="tokens >= 1"):
+        lat.observe(0, 0.1)
