@@ -2,6 +2,7 @@
 and how it keeps plain decoding measured."""
 
 import pytest
+import torch
 
 from adaspec.engine import Engine, EngineConfig
 from adaspec.engine.core import _PROBE_EVERY, _PROFILES
@@ -78,12 +79,11 @@ def test_the_drafts_catch_up_must_be_repaid_by_the_tokens_to_come(remaining, spe
 
 
 def test_the_level_rule_grows_confident_trees_and_stops_hesitant_ones():
-    import torch
-
     from adaspec.tree import TokenTree
 
     eng = planned(0.1)
-    eng._planned_levels = (0.005, 0.005)  # a draft level: a tenth of a target forward
+    # a draft level a tenth of a target forward; speculation expected at 30 tok/s
+    eng._planned = (0.005, 0.005, 30.0)
     eng.calibrator = None  # judge the draft's own f
     stop = eng._level_rule(1, 1)
 
@@ -96,9 +96,26 @@ def test_the_level_rule_grows_confident_trees_and_stops_hesitant_ones():
     assert stop(*chain([0.3, 0.02]))  # the next level adds at most 0.02 tokens
     # a dearer draft level needs a more confident frontier than a cheap one
     assert not stop(*chain([0.9, 0.5]))
-    eng._planned_levels = (0.02, 0.02)
+    eng._planned = (0.02, 0.02, 30.0)
     assert eng._level_rule(1, 1)(*chain([0.9, 0.5]))
     assert not eng._level_rule(1, 1)(*chain([0.99, 0.98]))
+
+
+def test_a_confident_chain_grows_while_a_level_beats_the_long_run_rate():
+    # 12 levels at 0.97 each: this step's own rate so far (~33 tok/s) is above what
+    # speculation makes in the long run (25 tok/s), and a 13th level adds 0.69 tokens in
+    # ~23 ms (30 tok/s): it pays, since stopping now leaves the next tokens to a fresh step
+    from adaspec.tree import TokenTree
+
+    eng = planned(0.4)
+    eng.calibrator = None
+    f = [0.97**d for d in range(1, 13)]
+    tree = TokenTree([7] * 13, [-1, *range(12)], [0.0, *(torch.tensor(f).log().tolist())])
+    frontier = torch.tensor([[12]])
+    eng._planned = (0.02, 0.02, 25.0)
+    assert not eng._level_rule(1, 1)(tree, frontier)
+    eng._planned = (0.02, 0.02, 40.0)  # where speculation makes 40 tok/s, a fresh step wins
+    assert eng._level_rule(1, 1)(tree, frontier)
 
 
 def test_a_new_request_starts_from_the_pairs_acceptance_not_the_last_requests():

@@ -16,6 +16,7 @@ hit a stop token or ``max_new_tokens``; their cache rows are freed at once.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import weakref
 from collections import deque
@@ -52,10 +53,18 @@ from adaspec.verify import SpecStats, VerifyResult, sample_children, verify
 
 __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
 
+# the auto plan's reasoning, step by step, at DEBUG level
+logger = logging.getLogger(__name__)
+
 # with the auto budget, a run of plain steps re-probes speculation (a chain) after this
 # many plain steps; each probe that does not pay doubles the interval, up to _PROBE_MAX
 _PROBE_EVERY = 8
 _PROBE_MAX = 128
+# an engine's first probe comes right after its two measuring plain steps: the pair's
+# acceptance model (one rate for every level) underrates chains whose depth follows the
+# draft's confidence until chain steps were measured, and a short request (32 tokens) was
+# over before the eighth plain step (SmolLM2's chains then ran 10-15 tokens a step)
+_FIRST_PROBE = 2
 # acceptance: each drafted level the accepted path reaches is one trial, kept when the
 # target accepts its token. Before any verification the pair's rate is _PRIOR_ACCEPT
 # (worth _PAIR_PRIOR_WEIGHT trials): top-1 agreement of the shipped int8-weight drafts
@@ -406,14 +415,16 @@ class Engine:
         # buckets move together as speculative steps observe larger sizes)
         self._plain_time_ratio = 0.0
         self._plain_samples = 0
-        self._planned_levels: tuple[float, float] | None = None  # first level, further ones
+        # the plan of this step: its draft's first level and further ones (seconds), and the
+        # long-run tokens per second it expects (what a further level must beat)
+        self._planned: tuple[float, float, float] | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         # decayed sums over chain steps: tokens emitted per request, levels grown, steps
         self._chain_steps = [0.0, 0.0, 0.0]
         # speculative steps since the plan last chose plain decoding (re-measuring plain
         # steps among them do not end the run)
         self._spec_streak = 0
-        self._probe_every = _PROBE_EVERY
+        self._probe_every = _FIRST_PROBE
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
@@ -658,6 +669,13 @@ class Engine:
         cap = max(self.config.max_tokens_per_step, R) // R
         if self.config.max_per_request is not None:
             cap = min(cap, self.config.max_per_request)
+        # no request emits more than it has left: a level beyond that is never used (with
+        # one token left, a plain step emits it in half a speculative step's time)
+        left = max(r.max_new_tokens - len(r.output) for r in self._active)
+        if left <= 1:
+            return 0, width
+        cap = min(cap, left)
+        depth = min(depth, left - 1)
         chain = max(1, min(_CHAIN_DEPTHS * depth, cap - 1))
         d = torch.arange(chain + 1, dtype=torch.float64)  # depths, and powers of α
         verify_s = self.verify_latency.predict(R * (d + 1))  # [chain + 1]
@@ -693,7 +711,7 @@ class Engine:
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
             top_rate, top = (1.0 if speculating else _MARGIN) * plain_rate, (0, width)
-            self._planned_levels = None
+            self._planned = None
             for w in widths:
                 i = 0 if w == 1 else 1
                 alpha, n = self._alpha(i)
@@ -722,9 +740,16 @@ class Engine:
                 # by the margin)
                 after = catch_up_s + remaining / spec_rate
                 repaid = remaining / plain_rate > (_MARGIN if optimistic else 1.0) * after
+                logger.debug(
+                    "plan R=%d width %d%s: alpha %.3f k %d %.1f tok/s vs plain %.1f, "
+                    "catch-up %.3f s, %d tokens to go",
+                    R, w, " (probe)" if optimistic else "", alpha, k, spec_rate,
+                    plain_rate, catch_up_s, remaining,
+                )  # fmt: skip
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
-                    self._planned_levels = (first, level)
+                    # a probe's optimistic rate is no yardstick: it must only beat plain
+                    self._planned = (first, level, plain_rate if optimistic else spec_rate)
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -801,17 +826,20 @@ class Engine:
 
     def _level_rule(self, R: int, width: int) -> Callable[[TokenTree, Tensor], bool]:
         """When the draft should stop growing this step's trees (``grow_draft_tree``'s
-        ``stop``): when a further level would lower the step's expected tokens per second.
+        ``stop``): when a further level would lower the long-run tokens per second.
 
-        The tree grown so far is expected to emit Σ f tokens (f calibrated when the engine
-        calibrates) in the seconds its levels, their verification and the step's overhead
-        take; a further level adds at most the frontier's Σ f for one more draft forward and
-        the verification of its nodes. It is grown while that gain per second beats the
-        step's rate so far, and plain decoding's rate. So a step's depth follows the draft's
-        confidence: long on confident stretches, short where the draft hesitates.
+        A further level adds the frontier's Σ f expected tokens (f calibrated when the engine
+        calibrates) for one more draft forward and the verification of its nodes. It is
+        grown while that gain per second beats the rate the plan expects of speculation in
+        the long run, and plain decoding's: stopping now, the next tokens would come at
+        that rate from a fresh step (renewal-reward: a step's level pays when it beats the
+        long-run rate, not the step's own rate so far, which stopped confident stretches of
+        SmolLM2's draft at 6-8 levels where transformers' assisted loop ran 8+ tokens a
+        step). So a step's depth follows the draft's confidence: long on confident
+        stretches, short where the draft hesitates.
         """
-        assert self._planned_levels is not None
-        first, level = self._planned_levels
+        assert self._planned is not None
+        _, level, long_run = self._planned
         ratio = self._spec_time_ratio[0 if width == 1 else 1]
         cap = self.config.max_tokens_per_step
         verify = self.verify_latency.predict
@@ -821,13 +849,10 @@ class Engine:
         def stop(tree: TokenTree, frontier: Tensor) -> bool:
             if calibrator is not None:
                 tree = calibrator.apply(tree)
-            f = tree.logp.exp()  # [R, n]
-            expected, gain = float(f.sum()), float(f.gather(1, frontier).sum())
-            levels = int(tree.depth.max())
-            n = min(R * (levels * width + 1), cap)
-            seconds = ratio * self._spec_seconds(first, level, levels, n)
+            gain = float(tree.logp.exp().gather(1, frontier).sum())
+            n = min(R * (int(tree.depth.max()) * width + 1), cap)
             more = ratio * (level + float(verify(min(n + R * width, cap))) - float(verify(n)))
-            return gain < max(expected / max(seconds, 1e-9), plain_rate) * more
+            return gain < max(long_run, plain_rate) * more
 
         return stop
 
@@ -983,7 +1008,7 @@ class Engine:
         t_beam = time.perf_counter()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
         stop = None
-        if cfg.budget == "auto" and self._planned_levels is not None:
+        if cfg.budget == "auto" and self._planned is not None:
             stop = self._level_rule(R, width)
         dtree = grow_draft_tree(
             self.draft, self._draft_state, roots, depth, width,
@@ -1041,7 +1066,7 @@ class Engine:
         self.stats.spec = self.stats.spec.update(res, sel.tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
-        if width == 1 and self._planned_levels is not None:  # a planned (auto) chain
+        if width == 1 and self._planned is not None:  # a planned (auto) chain
             tokens = float(res.num_emitted.double().mean())
             sums = self._chain_steps
             self._chain_steps = [
@@ -1061,19 +1086,25 @@ class Engine:
             req.trials[i] = _STATS_DECAY * req.trials[i] + t
             req.hits[i] = _STATS_DECAY * req.hits[i] + a
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
-        if self._planned_levels is not None and tunings() == tuned:
+        if self._planned is not None and tunings() == tuned:
             # what the models predict for the levels really grown and nodes really verified
-            first, level = self._planned_levels
+            first, level, _ = self._planned
             predicted = self._spec_seconds(first, level, forwards, n_tokens)
             self._spec_time_ratio[i] = _mean_ratio(
                 self._spec_time_ratio[i], t_end - t_beam, predicted
             )
-            self._planned_levels = None
+            self._planned = None
         if caught_up:  # per padded token, beyond one forward's fixed cost
             observed = self.draft_latency.observed
             fixed = float(self.draft_latency.predict(R)) if observed else 0.0
             seconds = max(t_beam - t_start - fixed, 0.0) / (R * backlog.shape[1])
             self._catch_up_per_token = _mean(self._catch_up_per_token, seconds)
+        logger.debug(
+            "speculated R=%d width %d: %d levels, %d verified, %.2f emitted per request, "
+            "%.1f ms (draft %.1f, catch-up %.1f)",
+            R, width, forwards, n_tokens, float(res.num_emitted.double().mean()),
+            1e3 * (t_end - t_start), 1e3 * (t_draft - t_beam), 1e3 * (t_beam - t_start),
+        )  # fmt: skip
         self._plain_streak = 0
         self._spec_streak += 1
         self.stats.target_tokens += n_tokens
