@@ -27,14 +27,26 @@ def test_one_stalled_forward_moves_nothing():
     assert torch.equal(lat.predict(torch.tensor([1.0, 4.0])), before)
 
 
-def test_a_lasting_change_moves_every_bucket_together():
+def test_a_lasting_change_moves_the_buckets_not_in_use():
     lat = LatencyModel(window=3)
-    lat.observe(1, 0.020)
     lat.observe(16, 0.040)
+    for _ in range(12):
+        lat.observe(1, 0.020)
     for _ in range(3):  # the machine got 1.5x slower: only size 1 is measured
         lat.observe(1, 0.030)
     assert float(lat.predict(1)) == pytest.approx(0.030)
     assert float(lat.predict(16)) == pytest.approx(0.060)
+
+
+def test_buckets_in_use_keep_their_own_measurements():
+    lat = LatencyModel(window=3)
+    for _ in range(3):  # plain steps of 16 requests: measured directly
+        lat.observe(16, 0.120)
+    for s in (0.080, 0.300, 0.300):  # the warm-up's 32 tokens, then 32 at batch 16
+        lat.observe(32, s)
+        lat.observe(16, 0.120)
+    assert float(lat.predict(32)) == pytest.approx(0.300)
+    assert float(lat.predict(16)) == pytest.approx(0.120)
 
 
 def test_state_dict_and_bad_input():

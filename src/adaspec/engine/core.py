@@ -1123,11 +1123,6 @@ class Engine:
         tree = TokenTree(
             roots.unsqueeze(1), torch.full((R, 1), -1), torch.zeros(R, 1), validate=False
         )
-        predicted = (
-            float(self.verify_latency.predict(R)) + self._overhead[0]
-            if self.verify_latency.observed
-            else None
-        )
         t_start, tuned = time.perf_counter(), tunings()
         logits = tree_forward(self.target, tree, self._target_state)  # [R, 1, V]
         t_verify = time.perf_counter()
@@ -1140,7 +1135,10 @@ class Engine:
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()
         self._observe_overhead(0, t_end - t_verify)
-        if predicted is not None and tunings() == tuned:
+        if tunings() == tuned:
+            # priced after this step joined the latency model (priced before, a slow first
+            # step after a prefill counted twice: in the ratio, and in the model it moved)
+            predicted = float(self.verify_latency.predict(R)) + self._overhead[0]
             if self._plain_samples < 2:  # the quicker of the first two
                 sample = _ratio(t_end - t_start, predicted)
                 self._plain_time_ratio = min(self._plain_time_ratio or sample, sample)
