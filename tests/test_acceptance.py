@@ -282,6 +282,29 @@ def test_a_few_hundred_trials_correct_an_underconfident_draft_in_every_bin():
     assert (grid - want).abs().mean() > 0.3
 
 
+def test_an_overconfident_draft_is_corrected_and_the_curve_still_rises():
+    # a small draft for a large target: its q is two logits too high, and its trials
+    # crowd the top bin (where a Newton fit without step control ran to a slope of -200)
+    g = torch.Generator().manual_seed(0)
+    q = 1 - torch.rand(2000, generator=g) ** 3
+    truth = torch.sigmoid(torch.logit(q) - 2)
+    cal = Calibrator()
+    cal.observe_edges(torch.ones(2000, dtype=torch.int64), q, torch.rand(2000, generator=g) < truth)
+    grid = torch.linspace(0.05, 0.95, 19)
+    est = cal.edge_probs(torch.ones(19, dtype=torch.int64), grid)
+    assert (est[1:] >= est[:-1]).all()
+    assert bool((est > 0).all())
+    assert (est - torch.sigmoid(torch.logit(grid) - 2)).abs().mean() < 0.05
+    # one bin only, 70 % accepted: a rising curve through it, not a step falling in q
+    only = Calibrator()
+    top = torch.full((200,), 0.975)
+    only.observe_edges(torch.ones(200, dtype=torch.int64), top, torch.arange(200) < 140)
+    curve = only.edge_probs(torch.ones(19, dtype=torch.int64), grid)
+    assert (curve[1:] >= curve[:-1]).all()
+    assert float(curve[0]) > 0.05
+    assert abs(float(only.edge_probs(torch.ones(1, dtype=torch.int64), top[:1])) - 0.7) < 0.05
+
+
 @given(token_trees(max_requests=3, max_nodes=8), st.integers(0, 2**31 - 1))
 def test_calibrator_observe_and_apply_keep_the_tree_valid(tree, seed):
     cal = Calibrator(num_bins=5, depth_buckets=2)

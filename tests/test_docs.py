@@ -15,6 +15,7 @@ MODULES = [
     "adaspec.select",
     "adaspec.acceptance",
     "adaspec.verify",
+    "adaspec.engine.latency",
     "adaspec.kernels.masks",
     "adaspec.kernels.compaction",
     "adaspec.kernels.attention",

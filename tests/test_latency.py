@@ -38,6 +38,27 @@ def test_a_lasting_change_moves_the_buckets_not_in_use():
     assert float(lat.predict(16)) == pytest.approx(0.060)
 
 
+def test_a_drift_seen_by_two_buckets_in_use_moves_a_stale_one_once():
+    lat = LatencyModel(window=1)
+    lat.observe(64, 0.100)
+    for _ in range(4):
+        lat.observe(1, 0.020)
+        lat.observe(8, 0.030)
+    lat.observe(1, 0.030)  # both sizes in use get 1.5x slower
+    lat.observe(8, 0.045)
+    assert float(lat.predict(64)) == pytest.approx(0.150)
+
+
+def test_a_bucket_back_from_staleness_moves_no_other():
+    lat = LatencyModel(window=1)
+    lat.observe(32, 0.080)  # the warm-up's single-prompt forward
+    for _ in range(5):
+        lat.observe(1, 0.020)
+    lat.observe(32, 0.300)  # 32 tokens at batch 16: a different context, not a drift
+    assert float(lat.predict(1)) == pytest.approx(0.020)
+    assert float(lat.predict(32)) == pytest.approx(0.300)
+
+
 def test_buckets_in_use_keep_their_own_measurements():
     lat = LatencyModel(window=3)
     for _ in range(3):  # plain steps of 16 requests: measured directly
@@ -61,3 +82,5 @@ def test_state_dict_and_bad_input():
         LatencyModel(grid=[0, 2])
     with pytest.raises(ValueError, match="tokens >= 1"):
         lat.observe(0, 0.1)
+    with pytest.raises(ValueError, match="finite seconds"):
+        lat.observe(1, float("inf"))

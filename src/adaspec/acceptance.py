@@ -7,6 +7,7 @@ f(v) and its verification always see one definition of the sampling distribution
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -409,9 +410,9 @@ class Calibrator:
     a weak pull toward the identity (a = 1, b = 0): a few dozen trials then move every bin,
     not only those they fell in. (A quantized copy of the target as its draft is
     underconfident: its q of 0.3-0.9 were accepted 95-100 % of the time, while a prior
-    toward q in each bin kept sparsely tried bins near q for hundreds of steps.) A calibrated node's f is the product of
-    its calibrated edges, so ``expected_accepted`` of a calibrated tree predicts the
-    emitted count of a verification.
+    toward q in each bin kept sparsely tried bins near q for hundreds of steps.) A
+    calibrated node's f is the product of its calibrated edges, so ``expected_accepted``
+    of a calibrated tree predicts the emitted count of a verification.
 
     Measuring calibration: :meth:`observe` also accumulates the tokens the current
     calibration predicted (Σ f - 1 over each verified tree) and those actually accepted;
@@ -420,7 +421,8 @@ class Calibrator:
     Args:
         num_bins: bins over q in [0, 1].
         depth_buckets: depths 1 .. depth_buckets - 1 get a bucket each; deeper edges share one.
-        prior_strength: pseudo-observations per bin that pull an empty bin to the identity.
+        prior_strength: pseudo-observations per bin that pull it toward the bucket's Platt
+            curve (with no evidence at all: the identity).
     """
 
     def __init__(
@@ -579,22 +581,54 @@ def _edge_probs(tree: TokenTree) -> Tensor:
 
 
 def _platt(q: Tensor, trials: Tensor, successes: Tensor, pull: float = 1.0) -> Tensor:
-    """``sigmoid(a logit(q) + b)`` at ``q`` (K,), (a, b) fitted to binned counts at ``q`` by
-    Newton's method on the log-likelihood minus ``pull / 2 * |(a, b) - (1, 0)|²`` (no data:
-    the identity; all trials accepted: a finite fit, not b = inf)."""
-    x = (q / (1 - q)).log()  # [K] logit of the bin centres (never 0 or 1)
-    theta = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    prior, ridge = theta.clone(), pull * torch.eye(2, dtype=torch.float64)
-    features = torch.stack([x, torch.ones_like(x)], 1)  # [K, 2]
-    for _ in range(25):
-        p = torch.sigmoid(features @ theta)  # [K]
-        grad = features.T @ (successes - trials * p) - pull * (theta - prior)
-        hess = (features.T * (trials * p * (1 - p))) @ features + ridge
-        step = torch.linalg.solve(hess, grad)
-        theta = theta + step
-        if float(step.abs().max()) < 1e-6:
+    """``sigmoid(a logit(q) + b)`` at ``q`` (K,), (a, b) fitted to binned counts at ``q``.
+
+    Maximises the log-likelihood minus ``pull / 2 * |(a, b) - (1, 0)|²`` (no data: the
+    identity; every trial accepted: a finite fit) by Newton's method, each step halved until
+    the objective rises (full steps overshoot from the saturated side: an overconfident
+    draft's top bin sent the slope to -200). A slope below 0 (a curve falling in q) or a
+    fit that does not settle gives the identity. K is small: plain floats.
+    """
+    x = [math.log(c / (1 - c)) for c in q.tolist()]  # logit of the bin centres (never 0, 1)
+    n, k = trials.tolist(), successes.tolist()
+
+    def objective(a: float, b: float) -> float:
+        total = -0.5 * pull * ((a - 1) ** 2 + b**2)
+        for xi, ni, ki in zip(x, n, k, strict=True):
+            if ni > 0:
+                z = a * xi + b  # k log σ(z) + (n - k) log σ(-z), stable for any z
+                total -= ki * _softplus(-z) + (ni - ki) * _softplus(z)
+        return total
+
+    a, b, value = 1.0, 0.0, objective(1.0, 0.0)
+    for _ in range(50):
+        g_a, g_b = -pull * (a - 1), -pull * b  # gradient and (negated) Hessian
+        h_aa, h_ab, h_bb = pull, 0.0, pull
+        for xi, ni, ki in zip(x, n, k, strict=True):
+            if ni > 0:
+                p = 1 / (1 + math.exp(-min(max(a * xi + b, -500.0), 500.0)))
+                r, w = ki - ni * p, ni * p * (1 - p)
+                g_a, g_b = g_a + r * xi, g_b + r
+                h_aa, h_ab, h_bb = h_aa + w * xi * xi, h_ab + w * xi, h_bb + w
+        det = h_aa * h_bb - h_ab * h_ab  # > 0: the ridge keeps the Hessian definite
+        d_a, d_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
+        step = 1.0
+        while step > 1e-6 and not objective(a + step * d_a, b + step * d_b) >= value:
+            step /= 2
+        if step <= 1e-6:
+            break  # no ascent left: at the maximum
+        a, b = a + step * d_a, b + step * d_b
+        value = objective(a, b)
+        if max(abs(step * d_a), abs(step * d_b)) < 1e-7:
             break
-    return torch.sigmoid(features @ theta)
+    if not (math.isfinite(a) and math.isfinite(b)) or a < 0:
+        a, b = 1.0, 0.0
+    return torch.sigmoid(a * q.double().logit() + b)
+
+
+def _softplus(z: float) -> float:
+    """log(1 + e^z) without overflow."""
+    return z + math.log1p(math.exp(-z)) if z > 0 else math.log1p(math.exp(z))
 
 
 def _isotonic(values: Tensor, weights: Tensor) -> Tensor:

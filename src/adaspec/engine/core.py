@@ -1093,7 +1093,7 @@ class Engine:
             self._spec_time_ratio[i] = _mean_ratio(
                 self._spec_time_ratio[i], t_end - t_beam, predicted
             )
-            self._planned = None
+        self._planned = None  # this step's plan is spent
         if caught_up:  # per padded token, beyond one forward's fixed cost
             observed = self.draft_latency.observed
             fixed = float(self.draft_latency.predict(R)) if observed else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 from collections import deque
 from collections.abc import Iterable
 
@@ -23,9 +24,9 @@ class LatencyModel:
     neighbour) moves nothing, as long as most recent samples are normal. (A moving average
     moved 1.6x on one 3x stall; on a draft that is timed only while speculating, the plan
     then decoded plainly and never re-measured it.) When one bucket's median moves by a
-    factor, the buckets not measured in the last ``4 * window`` observations move by the
-    same factor: costs of all sizes drift together as contexts grow or the machine gets
-    busier, while only the sizes in use are measured. (Buckets in use keep their own
+    factor, the buckets not measured in the last ``4 * window`` observations move with it
+    (by the mean log-change of the buckets in use): costs of all sizes drift together as
+    contexts grow or the machine gets busier, while only the sizes in use are measured. (Buckets in use keep their own
     measurements: at batch 16 the first verifications of 32 tokens took 4x the warm-up's
     single-prompt forward, and moving the plain steps' bucket along priced plain decoding
     at half its speed.)
@@ -79,23 +80,29 @@ class LatencyModel:
 
     def observe(self, tokens: int, seconds: float) -> None:
         """Record one measured forward of ``tokens`` tokens that took ``seconds``."""
-        if tokens < 1 or not seconds >= 0:
-            raise ValueError(f"need tokens >= 1 and seconds >= 0, got {tokens}, {seconds}")
+        if tokens < 1 or not 0 <= seconds < math.inf:
+            raise ValueError(f"need tokens >= 1 and finite seconds >= 0, got {tokens}, {seconds}")
         b = self._bucket(tokens)
         samples = self._samples.setdefault(b, deque(maxlen=self.window))
         old = self._seconds(b) if samples else 0.0
         samples.append((float(tokens), float(seconds)))
+        stale = self._observations - 4 * self.window  # last measured at or before: stale
+        was_stale = self._last.get(b, stale) <= stale
         self._observations += 1
         self._last[b] = self._observations
         new = self._seconds(b)
-        if old > 0 and new != old:
+        if old > 0 and new != old and not was_stale:
             # forwards of every size drift together (longer contexts, more requests, a
-            # busier machine): the buckets not measured lately follow this one's change
-            ratio = new / old
-            stale = self._observations - 4 * self.window
+            # busier machine): the buckets not measured lately follow the buckets in use,
+            # each in-use bucket's change weighing 1 / (buckets in use) in log space (a
+            # shared drift reaches them once, not once per bucket in use). A bucket back
+            # from staleness is corrected by its own samples and moves no other
+            stale += 1
+            in_use = sum(1 for k in self._samples if self._last[k] > stale)
+            factor = (new / old) ** (1 / in_use)
             for k, other in self._samples.items():
-                if self._last[k] < stale:
-                    self._samples[k] = deque(((t, s * ratio) for t, s in other), other.maxlen)
+                if self._last[k] <= stale:
+                    self._samples[k] = deque(((t, s * factor) for t, s in other), other.maxlen)
         self._fit = None
 
     def _points(self) -> tuple[list[float], list[float]]:
