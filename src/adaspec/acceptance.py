@@ -587,7 +587,7 @@ def _platt(q: Tensor, trials: Tensor, successes: Tensor, pull: float = 1.0) -> T
     identity; every trial accepted: a finite fit) by Newton's method, each step halved until
     the objective rises (full steps overshoot from the saturated side: an overconfident
     draft's top bin sent the slope to -200). A slope below 0 (a curve falling in q) or a
-    fit that does not settle gives the identity. K is small: plain floats.
+    non-finite fit gives the identity. K is small: plain floats.
     """
     x = [math.log(c / (1 - c)) for c in q.tolist()]  # logit of the bin centres (never 0, 1)
     n, k = trials.tolist(), successes.tolist()

@@ -671,7 +671,8 @@ class Engine:
             cap = min(cap, self.config.max_per_request)
         # no request emits more than it has left: a level beyond that is never used (with
         # one token left, a plain step emits it in half a speculative step's time)
-        left = max(r.max_new_tokens - len(r.output) for r in self._active)
+        to_go = [r.max_new_tokens - len(r.output) for r in self._active]
+        left = max(to_go)
         if left <= 1:
             return 0, width
         cap = min(cap, left)
@@ -698,7 +699,7 @@ class Engine:
                 )
                 per_token = self._prefill_per_token * float(ratio)
             catch_up_s = float(self.draft_latency.predict(R)) + R * backlog * per_token
-        remaining = sum(r.max_new_tokens - len(r.output) for r in self._active)
+        remaining = sum(to_go)
         spec_overhead = self._overhead[1] or self._overhead[0]  # before any speculative step
         # the draft's first level forwards each root together with a short backlog (the
         # accepted tokens it has not seen yet) as one right-padded chain per request
@@ -1099,12 +1100,13 @@ class Engine:
             fixed = float(self.draft_latency.predict(R)) if observed else 0.0
             seconds = max(t_beam - t_start - fixed, 0.0) / (R * backlog.shape[1])
             self._catch_up_per_token = _mean(self._catch_up_per_token, seconds)
-        logger.debug(
-            "speculated R=%d width %d: %d levels, %d verified, %.2f emitted per request, "
-            "%.1f ms (draft %.1f, catch-up %.1f)",
-            R, width, forwards, n_tokens, float(res.num_emitted.double().mean()),
-            1e3 * (t_end - t_start), 1e3 * (t_draft - t_beam), 1e3 * (t_beam - t_start),
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # (the mean is a tensor op: only when asked)
+            logger.debug(
+                "speculated R=%d width %d: %d levels, %d verified, %.2f emitted per request, "
+                "%.1f ms (draft %.1f, catch-up %.1f)",
+                R, width, forwards, n_tokens, float(res.num_emitted.double().mean()),
+                1e3 * (t_end - t_start), 1e3 * (t_draft - t_beam), 1e3 * (t_beam - t_start),
+            )  # fmt: skip
         self._plain_streak = 0
         self._spec_streak += 1
         self.stats.target_tokens += n_tokens

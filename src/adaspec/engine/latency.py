@@ -86,9 +86,9 @@ class LatencyModel:
         samples = self._samples.setdefault(b, deque(maxlen=self.window))
         old = self._seconds(b) if samples else 0.0
         samples.append((float(tokens), float(seconds)))
-        stale = self._observations - 4 * self.window  # last measured at or before: stale
-        was_stale = self._last.get(b, stale) <= stale
         self._observations += 1
+        stale = self._observations - 4 * self.window  # last measured at or before: stale
+        was_stale = self._last.get(b, 0) <= stale
         self._last[b] = self._observations
         new = self._seconds(b)
         if old > 0 and new != old and not was_stale:
@@ -97,7 +97,6 @@ class LatencyModel:
             # each in-use bucket's change weighing 1 / (buckets in use) in log space (a
             # shared drift reaches them once, not once per bucket in use). A bucket back
             # from staleness is corrected by its own samples and moves no other
-            stale += 1
             in_use = sum(1 for k in self._samples if self._last[k] > stale)
             factor = (new / old) ** (1 / in_use)
             for k, other in self._samples.items():
