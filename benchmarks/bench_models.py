@@ -147,13 +147,15 @@ def draft_table(name: str, n_prompts: int, new: int, repeats: int) -> None:
         "int4-sim": make_draft(target, "int4-sim"),
         "bf16": make_draft(target, "bf16"),
         "int8w": make_draft(target, "int8w"),
+        "int4w": make_draft(target, "int4w"),
     }
     draft: Any = pair.draft
     sub = getattr(draft.get_output_embeddings(), "tokens", None)
     if sub is not None:  # the pair's default: int8w with a frequent-token vocabulary
         k = f"{sub.numel() // 1024}k"
         drafts[f"bf16+{k}"] = make_draft(target, "bf16", vocab=sub)
-        drafts[f"int8w+{k}"] = pair.draft
+        drafts[f"int8w+{k}"] = make_draft(target, "int8w", vocab=sub)
+        drafts[f"int4w+{k}"] = make_draft(target, "int4w", vocab=sub)
     texts = [q["turns"][0] for q in mtbench_questions(n_prompts)] + humaneval_prompts(n_prompts)
     prompts = [chat_prompt_ids(tok, t)[:200] for t in texts]
     seqs = greedy_continuations(target, prompts, new)

@@ -12,7 +12,9 @@ from torch import nn
 from adaspec.models import make_draft, prefill, tiny_model, tree_forward
 from adaspec.models.fast import (
     FastLinear,
+    Int4Linear,
     Int8Linear,
+    int4_linears,
     int8_linears,
     optimize_for_cpu,
     plain_linears,
@@ -127,7 +129,7 @@ def test_subset_head_scores_only_its_tokens() -> None:
 def test_draft_with_a_vocabulary_only_proposes_it() -> None:
     target = tiny_model(seed=0)
     vocab = torch.arange(0, 101, 2)
-    for kind in ("bf16", "int8w", "int8"):
+    for kind in ("bf16", "int8w", "int4w", "int8"):
         draft = make_draft(target, kind, vocab=vocab)
         with torch.no_grad():
             logits = draft(torch.tensor([[1, 2, 3]])).logits
@@ -167,6 +169,77 @@ def test_int8_linear_equals_its_dequantized_weights(
         q(torch.randn(2, IN_ + 1))
     with pytest.raises(TypeError, match=r"nn\.Linear"):
         Int8Linear(q)  # type: ignore[arg-type]
+
+
+def grid_linear(out_f: int, in_f: int, seed: int = 0) -> nn.Linear:
+    """A layer whose weights lie on a 4-bit grid per group of 32 inputs, as a Q4_1 GGUF
+    file dequantizes them: w = d q + m, q in [0, 15], each group using 0 and 15."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out_f, in_f // 32, 32), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(out_f, in_f // 32, 1, generator=gen) * 0.02 + 0.001).half().float()
+    m = (-8 * d + 0.01 * torch.randn(out_f, in_f // 32, 1, generator=gen)).half().float()
+    lin = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
+    lin.weight.copy_((d * q + m).reshape(out_f, in_f))
+    return lin
+
+
+@pytest.mark.parametrize("sizes", [(64, 96), (64, 40)], ids=["kernel", "dense-only"])
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 2), (8,), (5, 9)])
+def test_int4_linear_holds_4bit_groups_exactly_and_equals_its_dequantized_weights(
+    sizes: tuple[int, int], rows: tuple[int, ...]
+) -> None:
+    IN_, OUT_ = sizes
+    lin = grid_linear(OUT_, IN_)
+    q = Int4Linear(lin)
+    G = IN_ // 32
+    assert q.scales_and_zeros.shape == (G, OUT_, 2)
+    assert q.scales_and_zeros.dtype == torch.bfloat16
+    assert q._kernel == (OUT_ % 32 == 0)
+    s, z = (t.t().unsqueeze(-1) for t in q.scales_and_zeros.float().unbind(-1))  # [OUT, G, 1]
+    # the grid is recovered: every weight is (q - 8) s + z for an integer q in [0, 15], up
+    # to bfloat16 rounding of each group's scale and zero (relative 2^-9 each)
+    w = lin.weight.reshape(OUT_, G, 32)
+    grid = ((w - z) / s + 8).round()
+    assert bool(((grid >= 0) & (grid <= 15)).all())
+    bound = (8 * s + z.abs()) * 2**-8
+    assert bool((((grid - 8) * s + z - w).abs() <= bound).all())
+    deq = q.dense.weight.float()  # the same, rounded to bfloat16 once more
+    assert bool(((deq - ((grid - 8) * s + z).reshape(OUT_, IN_)).abs() <= 2**-8 * deq.abs()).all())
+    x = torch.randn(*rows, IN_)
+    with torch.no_grad():
+        y = q(x)
+    assert y.shape == (*rows, OUT_)
+    assert y.dtype == torch.float32
+    # both paths (int4 kernel up to 4 rows, bfloat16 oneDNN beyond) compute x @ deq.T
+    want = F.linear(x, deq)
+    torch.testing.assert_close(y, want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+    with pytest.raises(ValueError, match="features"):
+        q(torch.randn(2, IN_ + 1))
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear(nn.Linear(48, 32))
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear(lin, group_size=0)
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
+        Int4Linear(q)  # type: ignore[arg-type]
+
+
+def test_int4_linear_on_arbitrary_weights_is_within_half_a_step() -> None:
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 32).requires_grad_(False)
+    q = Int4Linear(lin)
+    w = lin.weight.reshape(32, 2, 32)
+    step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
+    err = (q.dense.weight.float().reshape(32, 2, 32) - w).abs()
+    assert bool((err <= 0.51 * step + 0.01 * w.abs().amax(-1, keepdim=True)).all())
+
+
+def test_int4_linears_choose_int4_only_where_it_is_as_accurate_as_int8() -> None:
+    model = nn.Sequential(grid_linear(64, 64, seed=1), nn.Linear(64, 64), nn.Linear(40, 32))
+    int4_linears(model)
+    # 4-bit grid weights: exact in int4; Gaussian ones: closer in int8 per channel;
+    # 40 inputs are no whole groups of 32
+    assert [type(m) for m in model] == [Int4Linear, Int8Linear, Int8Linear]
 
 
 def test_int8_linears_replace_every_linear_and_keep_logits_close() -> None:

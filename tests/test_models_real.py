@@ -259,3 +259,27 @@ def test_prompt_sets_load_and_format(pair: Pair) -> None:
         assert text.endswith("<|im_start|>assistant\n")
     else:
         assert ids[0] == tok.bos_token_id
+
+
+def test_smollm2_draft_runs_the_targets_own_4bit_weights(pair: Pair) -> None:
+    """The default int4w draft: every layer of a Q4_1 target becomes an Int4Linear whose
+    grid holds the target's weights (bfloat16 scales and zeros aside); the Q8_0 output
+    layer (and every Gemma-3 layer that int4 would round more than int8) stays int8."""
+    from adaspec.models.fast import Int4Linear, Int8Linear, _int8_quantize
+
+    name, target, draft, _ = pair
+    layers = {n: m for n, m in draft.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    assert not any(type(m) is torch.nn.Linear for m in draft.modules())
+    if name != "smollm2-135m":
+        assert any(isinstance(m, Int8Linear) for m in layers.values())
+        return
+    assert isinstance(layers.pop("lm_head"), Int8Linear)
+    assert layers
+    assert all(isinstance(m, Int4Linear) for m in layers.values())
+    q_proj = layers["model.layers.0.self_attn.q_proj"]
+    w = target.get_submodule("model.layers.0.self_attn.q_proj").weight.detach()
+    int4_mse = float((q_proj.dense.weight.float() - w).square().mean())
+    int8_mse = float((_int8_quantize(w)[2] - w).square().mean())
+    # int8 per channel rounds by up to half of max|w| / 127; the 4-bit grid only by
+    # bfloat16 rounding of its scales, zeros and the dense copy
+    assert int4_mse < int8_mse / 10

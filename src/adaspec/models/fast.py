@@ -30,7 +30,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "FastLinear",
+    "Int4Linear",
     "Int8Linear",
+    "int4_linears",
     "int8_linears",
     "optimize_for_cpu",
     "plain_linears",
@@ -43,7 +45,8 @@ _BLOCK = 4096  # output rows per block of the "blocked" way
 _LARGE = 1 << 22  # weights with at least this many elements also try blocked / transposed
 _MAX_TUNED_ROWS = 32  # more rows: a compute-bound GEMM, where oneDNN's packed one is taken
 _TRANSPOSED_MAX_ROWS = 3  # measured: the transposed layout loses from 4 rows on
-_INT8_MAX_ROWS = 4  # measured: torch's int8 weight-only kernel loses to oneDNN bf16 from 8 rows
+# measured: torch's int8 and int4 weight-only kernels lose to oneDNN bf16 from 8 rows
+_QUANT_MAX_ROWS = 4
 _PLANS: dict[tuple[int, int, torch.dtype, bool, int], Way] = {}  # shared by equal shapes
 _TUNINGS = [0]
 
@@ -233,17 +236,103 @@ class FastLinear(nn.Module):
         return {k[4]: way for k, way in _PLANS.items() if k[:4] == mine}
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """A linear layer with low-bit weights for drafts: a quantized kernel for a few rows.
+
+    Decoding a few tokens on a CPU streams every weight once per forward, so fewer weight
+    bytes is a quicker draft. Up to ``_QUANT_MAX_ROWS`` rows run torch's weight-only
+    kernel of the subclass (bfloat16 activations); more rows, where those kernels lose to
+    oneDNN, run a :class:`FastLinear` over the dequantized weights in bfloat16 (kept
+    beside the quantized ones, with oneDNN's packed copy once more rows run). Both compute
+    with the same quantized weights, up to bfloat16 rounding of the dequantized copy, so a
+    token's logits may differ in the last bits with the number of tokens forwarded
+    alongside it (harmless in a draft: verification is exact). Off the CPU, or with
+    autograd recording, it runs ``F.linear`` on the dequantized weights.
+    """
+
+    def __init__(self, linear: nn.Linear, dequantized: Tensor, kernel: bool) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        with torch.no_grad():
+            dense = nn.Linear(
+                self.in_features,
+                self.out_features,
+                bias=linear.bias is not None,
+                dtype=torch.bfloat16,
+                device=dequantized.device,
+            )
+            dense.weight.copy_(dequantized)
+            if linear.bias is not None and dense.bias is not None:
+                dense.bias.copy_(linear.bias.detach())
+        dense.requires_grad_(False)
+        self.dense = FastLinear(dense)
+        self._kernel = kernel
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """(rows, in) bfloat16 -> (rows, out) bfloat16 with the quantized weights."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (
+            self._kernel
+            and 0 < rows <= _QUANT_MAX_ROWS
+            and x.device.type == "cpu"
+            and x.dtype.is_floating_point
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            y = self._matmul(x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous())
+            if self.dense.bias is not None:
+                y = y + self.dense.bias
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        out: Tensor = self.dense(x)
+        return out
+
+
+def _check_linear(linear: object) -> nn.Linear:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    return linear
+
+
+def _int8_quantize(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric int8 per output channel: (q (out, in) int8, scales (out,) bfloat16,
+    the dequantized weights (out, in) float32)."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # [out]
+    q = (w / scales.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+    return q, scales, q.float() * scales.float().unsqueeze(1)
+
+
+def _int4_quantize(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric int4 per group of ``group_size`` inputs (min/max grid), as torch's int4
+    CPU kernel reads it, ``w = (q - 8) * scale + zero``: (q (out, in) int32 in [0, 15],
+    scales and zeros (in / group_size, out, 2) bfloat16, the dequantized weights (out, in)
+    float32, bfloat16 rounding of scale and zero included)."""
+    out_f, in_f = weight.shape
+    w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)  # [O, G, g]
+    low, high = w.amin(-1), w.amax(-1)  # [O, G]
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = ((w - low.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15)  # [O, G, g]
+    scale_zero = torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16)  # [O, G, 2]
+    s, z = scale_zero.float().unbind(-1)
+    dequantized = (q - 8) * s.unsqueeze(-1) + z.unsqueeze(-1)
+    return (
+        q.reshape(out_f, in_f).to(torch.int32),
+        scale_zero.transpose(0, 1).contiguous(),
+        dequantized.reshape(out_f, in_f),
+    )
+
+
+class Int8Linear(_WeightOnlyLinear):
     """A linear layer with int8 weights, one bfloat16 scale per output channel (for drafts).
 
-    Decoding a few tokens on a CPU streams every weight once per forward: int8 halves the
-    bytes streamed per forward of bfloat16 (memory: the int8 weights, a bfloat16 dequantized
-    copy and oneDNN's packed copy of it once more than 4 rows run). Up to 4 rows run torch's int8 weight-only kernel
-    (``torch._weight_int8pack_mm``, bfloat16 activations; layers whose sizes are multiples
-    of 32); more rows, where that kernel is slower than oneDNN, run a :class:`FastLinear`
-    over the dequantized weights in bfloat16. Both compute with the same quantized weights, up to bfloat16 rounding of the
-    dequantized copy, so a token's logits may differ in the last bits with the number of
-    tokens forwarded alongside it (harmless in a draft: verification is exact).
+    int8 halves the bytes streamed per forward of bfloat16. Up to 4 rows run
+    ``torch._weight_int8pack_mm`` (layers whose sizes are multiples of 32), more rows a
+    bfloat16 :class:`FastLinear` over the dequantized weights (see ``_WeightOnlyLinear``).
 
     Parameters
     ----------
@@ -251,8 +340,7 @@ class Int8Linear(nn.Module):
         The layer to quantize (symmetric, per output channel: scale = max |w| / 127); it is
         not modified.
 
-    ``forward(x)``: (..., in) -> (..., out) in x's dtype. Off the CPU, or with autograd
-    recording, it runs ``F.linear`` on the dequantized weights.
+    ``forward(x)``: (..., in) -> (..., out) in x's dtype.
 
     Example
     -------
@@ -269,57 +357,101 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        linear = _check_linear(linear)
         with torch.no_grad():
-            w = linear.weight.detach().float()
-            scales = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # [out]
-            q = (w / scales.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
-            dense = nn.Linear(
-                self.in_features,
-                self.out_features,
-                bias=linear.bias is not None,
-                dtype=torch.bfloat16,
-                device=w.device,
-            )
-            dense.weight.copy_(q.float() * scales.float().unsqueeze(1))
-            if linear.bias is not None and dense.bias is not None:
-                dense.bias.copy_(linear.bias.detach())
-        dense.requires_grad_(False)
+            q, scales, dequantized = _int8_quantize(linear.weight)
+        # torch's int8 kernel returns garbage for some shapes (e.g. 24 output channels):
+        # it is used only where both sizes are multiples of 32, as in every shipped model
+        kernel = linear.in_features % 32 == 0 and linear.out_features % 32 == 0
+        super().__init__(linear, dequantized, kernel)
         self.qweight: Tensor
         self.scales: Tensor
         self.register_buffer("qweight", q)  # [out, in] int8
         self.register_buffer("scales", scales)  # [out] bfloat16
-        self.dense = FastLinear(dense)
-        # torch's int8 kernel returns garbage for some shapes (e.g. 24 output channels):
-        # it is used only where both sizes are multiples of 32, as in every shipped model
-        self._kernel = self.in_features % 32 == 0 and self.out_features % 32 == 0
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
-        rows = x.numel() // max(x.shape[-1], 1)
-        if (
-            self._kernel
-            and 0 < rows <= _INT8_MAX_ROWS
-            and x.device.type == "cpu"
-            and x.dtype.is_floating_point
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        ):
-            flat = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()
-            scales = self.scales.to(torch.bfloat16)  # (a no-op unless the module was cast)
-            y = torch._weight_int8pack_mm(flat, self.qweight, scales)  # [rows, out]
-            if self.dense.bias is not None:
-                y = y + self.dense.bias
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        out: Tensor = self.dense(x)
-        return out
+    def _matmul(self, x: Tensor) -> Tensor:
+        scales = self.scales.to(torch.bfloat16)  # (a no-op unless the module was cast)
+        return torch._weight_int8pack_mm(x, self.qweight, scales)  # [rows, out]
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """A linear layer with int4 weights, a bfloat16 scale and zero per group of inputs.
+
+    Half the weight bytes of :class:`Int8Linear`. Weights dequantized from a 4-bit GGUF
+    file with groups of 32 and a per-group minimum (Q4_0, Q4_1; every layer of the
+    shipped SmolLM2) lie exactly on this grid, so the draft computes with the target's
+    own weights, up to bfloat16 rounding of each group's scale and zero. Up to 4 rows
+    run ``torch._weight_int4pack_mm_for_cpu``, more rows a bfloat16 :class:`FastLinear`
+    over the dequantized weights.
+
+    Parameters
+    ----------
+    linear : nn.Linear
+        The layer to quantize (per group of ``group_size`` inputs: scale = (max - min) / 15,
+        ``w = (q - 8) * scale + zero``, q in [0, 15]); it is not modified.
+    group_size : int
+        Inputs per group; ``linear.in_features`` must be a multiple of it.
+
+    ``forward(x)``: (..., in) -> (..., out) in x's dtype.
+
+    Example
+    -------
+    >>> torch.manual_seed(0) and None
+    >>> lin = nn.Linear(64, 32)
+    >>> q = Int4Linear(lin)
+    >>> tuple(q.packed.shape), tuple(q.scales_and_zeros.shape)
+    ((32, 32), (2, 32, 2))
+    >>> x = torch.randn(2, 64)
+    >>> with torch.no_grad():
+    ...     err = (q(x) - lin(x)).abs().max() / lin(x).abs().max()
+    >>> bool(err < 0.1)
+    True
+    """
+
+    def __init__(self, linear: nn.Linear, group_size: int = 32) -> None:
+        linear = _check_linear(linear)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if linear.in_features % group_size:
+            raise ValueError(
+                f"linear.in_features ({linear.in_features}) must be a multiple of group_size "
+                f"({group_size})"
+            )
+        with torch.no_grad():
+            q, scale_zero, dequantized = _int4_quantize(linear.weight, group_size)
+        # the CPU kernel packs two 4-bit values per byte in tiles: it needs out % 16 == 0
+        # and groups of at least 32 inputs; other shapes run the dense bfloat16 copy only
+        kernel = (
+            linear.out_features % 32 == 0
+            and linear.in_features % 32 == 0
+            and group_size % 32 == 0
+            and q.device.type == "cpu"
+        )
+        super().__init__(linear, dequantized, kernel)
+        self.group_size = group_size
+        packed = (
+            torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            if kernel
+            else torch.zeros(0, dtype=torch.uint8)
+        )
+        self.packed: Tensor
+        self.scales_and_zeros: Tensor
+        self.register_buffer("packed", packed)  # [out, in / 2] uint8 (kernel layout)
+        self.register_buffer("scales_and_zeros", scale_zero)  # [in / group, out, 2] bfloat16
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 weights, group_size={self.group_size}"
+        )
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scales_and_zeros.to(torch.bfloat16)
+        )  # [rows, out]
 
 
 def optimize_for_cpu(model: nn.Module, *, transposed_copy: bool = True) -> nn.Module:
@@ -379,6 +511,38 @@ def int8_linears(model: nn.Module) -> nn.Module:
         else:
             int8_linears(child)
     return model
+
+
+def int4_linears(model: nn.Module, group_size: int = 32) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` by an :class:`Int4Linear` where int4 groups
+    hold its weights at least as accurately as int8 per channel, else by an
+    :class:`Int8Linear`, in place.
+
+    Weights dequantized from 4-bit groups (Q4_0 / Q4_1 GGUF files) are exact in int4 and
+    take it; 5- to 8-bit ones (Q5_0, Q8_0: Gemma-3's most layers, both shipped output
+    layers) are closer in int8 and keep it. The comparison is the mean squared error of
+    the dequantized weights, bfloat16 rounding of scales and zeros included. Tied
+    weights are untied. Returns the same model.
+    """
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Linear:
+            setattr(model, name, _lower_bits(child, group_size))
+        else:
+            int4_linears(child, group_size)
+    return model
+
+
+def _lower_bits(linear: nn.Linear, group_size: int) -> nn.Module:
+    """The int4 layer when it is at least as accurate as the int8 one, else the int8 one."""
+    if linear.in_features % group_size:
+        return Int8Linear(linear)
+    w = linear.weight.detach().float()
+    with torch.no_grad():
+        int4 = _int4_quantize(w, group_size)[2]
+        int8 = _int8_quantize(w)[2]
+    if float((int4 - w).square().mean()) <= float((int8 - w).square().mean()):
+        return Int4Linear(linear, group_size)
+    return Int8Linear(linear)
 
 
 def plain_linears(model: nn.Module) -> nn.Module:
