@@ -283,7 +283,9 @@ def _int4_simulated(weight: Tensor, group: int = 32) -> Tensor:
     return (q * scale + low).reshape(out_f, in_f)
 
 
-def make_draft(target: nn.Module, kind: str = "bf16", *, vocab: Tensor | None = None) -> nn.Module:
+def make_draft(
+    target: nn.Module, kind: str = "bf16", *, vocab: Tensor | None = None, fuse: bool = True
+) -> nn.Module:
     """A cheaper copy of ``target`` to use as its draft; the target is left untouched.
 
     Parameters
@@ -311,6 +313,11 @@ def make_draft(target: nn.Module, kind: str = "bf16", *, vocab: Tensor | None = 
         1-D int64 sorted token ids the draft may propose (e.g. from
         :func:`~adaspec.models.vocab.frequent_tokens`): its output layer then scores only
         these (a :class:`~adaspec.models.vocab.SubsetHead`) and every other logit is -inf.
+    fuse : bool
+        Replace llama- and Gemma-3-style decoder layers by
+        :class:`~adaspec.models.fused.FusedDecoderLayer` (q/k/v and gate/up merged, fewer
+        ops; the same function) before quantizing: a decode step spends most of its time
+        in per-op overhead, not arithmetic.
 
     Note: int8 dynamic quantization scales activations per call, so a draft token's logits
     depend slightly on the other tokens forwarded with it.
@@ -320,6 +327,10 @@ def make_draft(target: nn.Module, kind: str = "bf16", *, vocab: Tensor | None = 
     from adaspec.models.fast import plain_linears
 
     draft = plain_linears(copy.deepcopy(target))  # an optimized target's FastLinears too
+    if fuse:
+        from adaspec.models.fused import fuse_layers
+
+        fuse_layers(draft)
     if kind == "bf16":
         with torch.no_grad():
             for module in draft.modules():
