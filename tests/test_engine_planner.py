@@ -30,12 +30,17 @@ def planned(draft_cost: float, *, prompt_len: int = 4, max_new_tokens: int = 200
     return eng
 
 
-def test_the_first_two_steps_measure_plain_decoding():
+def test_plain_decoding_is_measured_first_unless_speculation_wins_anyway():
+    # a cheap draft wins even against plain decoding _PLAIN_DOUBT times faster than the
+    # latency model says: it speculates at once
     eng = planned(0.1)
     eng._plain_samples = 0
-    assert eng._plan_shape(1, 4, 4) == (0, 4)
-    eng._plain_samples = 1
-    assert eng._plan_shape(1, 4, 4) == (0, 4)
+    assert eng._plan_shape(1, 4, 4)[0] > 0
+    # a dearer one wins only against the measured plain steps: two are measured first
+    eng = planned(0.5)
+    for measured in (0, 1):
+        eng._plain_samples = measured
+        assert eng._plan_shape(1, 4, 4) == (0, 4)
     eng._plain_samples = 2
     assert eng._plan_shape(1, 4, 4)[0] > 0
 
@@ -239,3 +244,21 @@ def test_poor_chain_steps_of_one_prompt_do_not_keep_the_next_ones_plain():
     assert eng._plan_shape(1, 4, 1)[0] > 0
     eng._chain_steps = [1.0 * 10, 1.0 * 10, 10.0]  # the last prompt's chains: nothing accepted
     assert eng._plan_shape(1, 4, 1)[0] > 0  # the model (with this request's own α) decides
+
+
+def test_a_probe_spends_little_on_the_drafts_catch_up(monkeypatch: pytest.MonkeyPatch):
+    """A probe (plain decoding expected to win, the acceptance rate's upper bound says a
+    chain could) pays the catch-up only up to a share of the plain time still to come."""
+    from adaspec.engine import core
+
+    def probe_taken() -> bool:
+        eng = planned(0.3, prompt_len=100, max_new_tokens=1000)
+        eng._accept_trials[:], eng._accept_hits[:] = 100.0, 30.0
+        assert eng._plan_shape(1, 4, 4)[0] == 0  # no probe due yet: plain wins
+        eng._plain_streak = eng._probe_every = 4
+        eng._catch_up_per_token = 0.003  # 0.3 s over the 100-token prompt; 51 s plain to go
+        return eng._plan_shape(1, 4, 4)[0] > 0
+
+    assert probe_taken()
+    monkeypatch.setattr(core, "_PROBE_CATCH_UP", 0.005)  # at most 0.26 s
+    assert not probe_taken()

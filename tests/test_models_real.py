@@ -276,9 +276,10 @@ def test_smollm2_draft_runs_the_targets_own_4bit_weights(pair: Pair) -> None:
     assert isinstance(layers.pop("lm_head"), Int8Linear)
     assert layers
     assert all(isinstance(m, Int4Linear) for m in layers.values())
-    q_proj = layers["model.layers.0.self_attn.q_proj"]
-    w = target.get_submodule("model.layers.0.self_attn.q_proj").weight.detach()
-    int4_mse = float((q_proj.dense.weight.float() - w).square().mean())
+    qkv = layers["model.layers.0.qkv_proj"]  # q, k and v merged (fused layers)
+    attn = target.get_submodule("model.layers.0.self_attn")
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+    int4_mse = float((qkv.dense.weight.float() - w).square().mean())
     int8_mse = float((_int8_quantize(w)[2] - w).square().mean())
     # int8 per channel rounds by up to half of max|w| / 127; the 4-bit grid only by
     # bfloat16 rounding of its scales, zeros and the dense copy

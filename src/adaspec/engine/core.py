@@ -65,6 +65,11 @@ _PROBE_MAX = 128
 # draft's confidence until chain steps were measured, and a short request (32 tokens) was
 # over before the eighth plain step (SmolLM2's chains then ran 10-15 tokens a step)
 _FIRST_PROBE = 2
+# until two plain steps were measured at an engine's batch, plain decoding is priced this
+# much faster than the latency model predicts (the warm-up profiles one request; at batch
+# 4 it was 10-30 % off): speculation starts at once only where it wins even so, and
+# otherwise the plain steps measure
+_PLAIN_DOUBT = 1.3
 # acceptance: each drafted level the accepted path reaches is one trial, kept when the
 # target accepts its token. Before any verification the pair's rate is _PRIOR_ACCEPT
 # (worth _PAIR_PRIOR_WEIGHT trials): top-1 agreement of the shipped int8-weight drafts
@@ -84,6 +89,11 @@ _PAIR_PRIOR_WEIGHT = 32.0
 # switching from plain decoding to speculation needs a predicted rate this much higher
 # (its terms are measured, but single steps vary by about 10 %); staying needs only a gain
 _MARGIN = 1.1
+# a probe is exploration: it may spend on the draft's catch-up at most this share of the
+# time plain decoding of the remaining tokens takes (a batch-4 probe on the optimistic
+# rate of an always-accepted 16-level chain paid a 0.78 s catch-up of 4 prompts, a
+# quarter of the run, and never repaid it)
+_PROBE_CATCH_UP = 0.1
 # a speculative step takes longer than its forwards' latency models predict (tree growth
 # and masks): measured steps correct the plan by their ratio to the prediction, which
 # starts here (with the draft's first level priced apart: 1.02-1.10 at batch 1 on the
@@ -647,8 +657,10 @@ class Engine:
         its longest (``_CHAIN_DEPTHS`` x ``depth``, within the step's token bound and the
         per-request cap): :meth:`_level_rule` ends it where the draft's confidence no
         longer pays (a probe keeps the depth its optimistic rate was best at).
-        The first two steps decode plainly to measure what plain decoding costs at this
-        batch; switching to speculation needs a predicted 10 % gain, staying with it only a
+        Until two plain steps were measured at this batch, plain decoding is priced
+        ``_PLAIN_DOUBT`` times faster than predicted: speculation starts at once only where
+        it wins even so, and otherwise plain steps measure what plain decoding costs here;
+        switching to speculation needs a predicted 10 % gain, staying with it only a
         gain, and a long run of speculation takes a plain step now and then to re-measure.
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
         has not seen; it is chosen only when the tokens still to come repay it. While plain
@@ -658,11 +670,6 @@ class Engine:
         """
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
-        if self._plain_samples < 2:
-            # the first two steps decode plainly: what a plain step costs at this batch is
-            # what every plan is measured against (off by 10-30 % at batch 4 from the warm-up
-            # alone; the quicker of two, as a first step after a prefill ran 25 % slower)
-            return 0, width
         # a chain may grow to _CHAIN_DEPTHS times the beam's depth: the draft's confidence
         # stops it where a further level no longer pays (_level_rule). It verifies all it
         # grows: no longer than the step's token bound and the per-request cap allow
@@ -737,10 +744,14 @@ class Engine:
                     # predicted 22-24 tok/s where SmolLM2's chains ran at 28-33
                     spec_rate = self._blend_measured_chains(spec_rate, R, first, level)
                 # the catch-up pays when plain decoding of what remains takes longer than
-                # speculating on it after catching up (a probe's, on its optimistic rate,
-                # by the margin)
+                # speculating on it after catching up; switching (a probe too, on its
+                # optimistic rate) needs the margin on the whole, catch-up included (SmolLM2
+                # at batch 4: a 1.6 s plan that beat plain decoding by 0.6 % switched, and
+                # its catch-up of four prompts took 0.76 s, not the 0.56 s priced)
                 after = catch_up_s + remaining / spec_rate
-                repaid = remaining / plain_rate > (_MARGIN if optimistic else 1.0) * after
+                repaid = remaining / plain_rate > (1.0 if speculating else _MARGIN) * after
+                if optimistic:
+                    repaid &= catch_up_s <= _PROBE_CATCH_UP * remaining / plain_rate
                 logger.debug(
                     "plan R=%d width %d%s: alpha %.3f k %d %.1f tok/s vs plain %.1f, "
                     "catch-up %.3f s, %d tokens to go",
@@ -793,10 +804,10 @@ class Engine:
         return sum(rates) / len(rates), trials + _PRIOR_WEIGHT
 
     def _plain_rate(self, R: int) -> float:
-        """Predicted tokens per second of a plain step of R requests (as measured at R)."""
-        seconds = self._plain_time_ratio * (
-            float(self.verify_latency.predict(R)) + self._overhead[0]
-        )
+        """Predicted tokens per second of a plain step of R requests (as measured at R;
+        until two plain steps were measured, ``_PLAIN_DOUBT`` times the model's)."""
+        ratio = self._plain_time_ratio if self._plain_samples >= 2 else 1 / _PLAIN_DOUBT
+        seconds = ratio * (float(self.verify_latency.predict(R)) + self._overhead[0])
         return R / max(seconds, 1e-9)
 
     def _spec_seconds(self, first: float, level: float, levels: float, verified: float) -> float:
