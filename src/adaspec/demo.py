@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     target, draft, tok = load_pair(args.pair)
-    print(f"loaded {args.pair} (target + int8-weight draft) in {time.perf_counter() - t0:.1f} s")
+    print(f"loaded {args.pair} (target + quantized draft) in {time.perf_counter() - t0:.1f} s")
 
     k = args.per_class
     coding = [chat_prompt_ids(tok, p) for p in humaneval_prompts(limit=k)]
