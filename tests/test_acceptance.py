@@ -282,6 +282,24 @@ def test_a_few_hundred_trials_correct_an_underconfident_draft_in_every_bin():
     assert (grid - want).abs().mean() > 0.3
 
 
+def test_deep_buckets_with_few_trials_borrow_the_shape_the_shallow_ones_measured():
+    # 300 trials at depth 1 of an underconfident draft, 5 at depth 4 (deeper levels are
+    # reached rarely): depth 4's curve leans toward depth 1's, not toward the identity
+    g = torch.Generator().manual_seed(2)
+    q = torch.rand(305, generator=g).sqrt()
+    truth = torch.sigmoid(torch.logit(q) + 2.5)
+    depth = torch.ones(305, dtype=torch.int64)
+    depth[300:] = 4
+    cal = Calibrator()
+    cal.observe_edges(depth, q, torch.rand(305, generator=g) < truth)
+    grid = torch.linspace(0.05, 0.95, 19)
+    deep = cal.edge_probs(torch.full((19,), 4), grid)
+    want = torch.sigmoid(torch.logit(grid) + 2.5)
+    assert (deep - want).abs().mean() < 0.1
+    assert (deep - grid).abs().mean() > 0.25
+    assert (deep[1:] >= deep[:-1]).all()
+
+
 def test_an_overconfident_draft_is_corrected_and_the_curve_still_rises():
     # a small draft for a large target: its q is two logits too high, and its trials
     # crowd the top bin (where a Newton fit without step control ran to a slope of -200)

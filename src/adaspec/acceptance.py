@@ -407,8 +407,10 @@ class Calibrator:
     depth bucket (a prior worth ``prior_strength`` observations), makes them monotone in q
     (pool-adjacent-violators), and interpolates linearly between bin centres. The smooth
     curve is Platt scaling, ``sigmoid(a logit(q) + b)``, fitted to the bucket's counts with
-    a weak pull toward the identity (a = 1, b = 0): a few dozen trials then move every bin,
-    not only those they fell in. (A quantized copy of the target as its draft is
+    a weak pull toward the same curve fitted to all buckets pooled, which is itself pulled
+    weakly toward the identity (a = 1, b = 0): a few dozen trials then move every bin, not
+    only those they fell in, and deep buckets with few trials borrow the shallow ones'
+    shape. (A quantized copy of the target as its draft is
     underconfident: its q of 0.3-0.9 were accepted 95-100 % of the time, while a prior
     toward q in each bin kept sparsely tried bins near q for hundreds of steps.) A
     calibrated node's f is the product of its calibrated edges, so ``expected_accepted``
@@ -494,8 +496,16 @@ class Calibrator:
         if self._table is not None:
             return self._table
         c = self.centers
+        # every depth's curve is pulled toward the curve of all depths pooled (itself pulled
+        # toward the identity): deep buckets with a few trials borrow the shape the shallow
+        # ones measured (prequential edge log-loss on SmolLM2 / Gemma-3 generations: 0.209
+        # -> 0.204 / 0.384 -> 0.378, over the first 30 steps 0.197 -> 0.189)
+        pooled = _platt_fit(c, self.trials.sum(0), self.successes.sum(0))
         smooth = torch.stack(
-            [_platt(c, self.trials[b], self.successes[b]) for b in range(self.depth_buckets)]
+            [
+                _platt(c, self.trials[b], self.successes[b], toward=pooled)
+                for b in range(self.depth_buckets)
+            ]
         )  # [B, K]
         weight = self.trials + self.prior_strength  # [B, K]
         rate = (self.successes + self.prior_strength * smooth) / weight
@@ -580,29 +590,49 @@ def _edge_probs(tree: TokenTree) -> Tensor:
     return torch.where((parent_logp > float("-inf")) & (tree.parents >= 0), q, 0.0).clamp(0, 1)
 
 
-def _platt(q: Tensor, trials: Tensor, successes: Tensor, pull: float = 1.0) -> Tensor:
-    """``sigmoid(a logit(q) + b)`` at ``q`` (K,), (a, b) fitted to binned counts at ``q``.
+def _platt(
+    q: Tensor,
+    trials: Tensor,
+    successes: Tensor,
+    pull: float = 1.0,
+    toward: tuple[float, float] = (1.0, 0.0),
+) -> Tensor:
+    """``sigmoid(a logit(q) + b)`` at ``q`` (K,), (a, b) fitted by :func:`_platt_fit`."""
+    a, b = _platt_fit(q, trials, successes, pull, toward)
+    return torch.sigmoid(a * q.double().logit() + b)
 
-    Maximises the log-likelihood minus ``pull / 2 * |(a, b) - (1, 0)|²`` (no data: the
-    identity; every trial accepted: a finite fit) by Newton's method, each step halved until
-    the objective rises (full steps overshoot from the saturated side: an overconfident
-    draft's top bin sent the slope to -200). A slope below 0 (a curve falling in q) or a
-    non-finite fit gives the identity. K is small: plain floats.
+
+def _platt_fit(
+    q: Tensor,
+    trials: Tensor,
+    successes: Tensor,
+    pull: float = 1.0,
+    toward: tuple[float, float] = (1.0, 0.0),
+) -> tuple[float, float]:
+    """(a, b) of ``sigmoid(a logit(q) + b)`` fitted to binned counts at ``q`` (K,).
+
+    Maximises the log-likelihood minus ``pull / 2 * |(a, b) - toward|²`` (no data:
+    ``toward``, by default the identity; every trial accepted: a finite fit) by Newton's
+    method, each step halved until the objective rises (full steps overshoot from the
+    saturated side: an overconfident draft's top bin sent the slope to -200). A slope
+    below 0 (a curve falling in q) or a non-finite fit gives ``toward``. K is small: plain
+    floats.
     """
     x = [math.log(c / (1 - c)) for c in q.tolist()]  # logit of the bin centres (never 0, 1)
     n, k = trials.tolist(), successes.tolist()
+    a0, b0 = toward
 
     def objective(a: float, b: float) -> float:
-        total = -0.5 * pull * ((a - 1) ** 2 + b**2)
+        total = -0.5 * pull * ((a - a0) ** 2 + (b - b0) ** 2)
         for xi, ni, ki in zip(x, n, k, strict=True):
             if ni > 0:
                 z = a * xi + b  # k log σ(z) + (n - k) log σ(-z), stable for any z
                 total -= ki * _softplus(-z) + (ni - ki) * _softplus(z)
         return total
 
-    a, b, value = 1.0, 0.0, objective(1.0, 0.0)
+    a, b, value = a0, b0, objective(a0, b0)
     for _ in range(50):
-        g_a, g_b = -pull * (a - 1), -pull * b  # gradient and (negated) Hessian
+        g_a, g_b = -pull * (a - a0), -pull * (b - b0)  # gradient and (negated) Hessian
         h_aa, h_ab, h_bb = pull, 0.0, pull
         for xi, ni, ki in zip(x, n, k, strict=True):
             if ni > 0:
@@ -622,8 +652,8 @@ def _platt(q: Tensor, trials: Tensor, successes: Tensor, pull: float = 1.0) -> T
         if max(abs(step * d_a), abs(step * d_b)) < 1e-7:
             break
     if not (math.isfinite(a) and math.isfinite(b)) or a < 0:
-        a, b = 1.0, 0.0
-    return torch.sigmoid(a * q.double().logit() + b)
+        a, b = a0, b0
+    return a, b
 
 
 def _softplus(z: float) -> float:
