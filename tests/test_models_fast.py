@@ -240,6 +240,17 @@ def test_int4_linears_choose_int4_only_where_it_is_as_accurate_as_int8() -> None
     # 4-bit grid weights: exact in int4; Gaussian ones: closer in int8 per channel;
     # 40 inputs are no whole groups of 32
     assert [type(m) for m in model] == [Int4Linear, Int8Linear, Int8Linear]
+    with pytest.raises(ValueError, match="group_size"):
+        int4_linears(model, group_size=0)
+
+
+def test_int4_groups_the_kernel_does_not_take_run_the_dense_copy() -> None:
+    lin = grid_linear(32, 96)
+    q = Int4Linear(lin, group_size=96)  # torch's kernel takes groups of 32, 64, 128, 256
+    assert not q._kernel
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), F.linear(x, q.dense.weight.float()), rtol=0.02, atol=0.02)
 
 
 def test_int8_linears_replace_every_linear_and_keep_logits_close() -> None:

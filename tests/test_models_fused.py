@@ -88,3 +88,55 @@ def test_unsupported_layers_are_left_alone() -> None:
     )
     with pytest.raises(ValueError, match="position_embeddings"):
         layer(torch.randn(1, 1, 32))
+
+
+def other_model(kind: str) -> Any:
+    """Tiny transformers models whose layers share llama's names (or part of them) but
+    compute something else, and one with flex attention."""
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )
+    configs = {
+        "qwen3": lambda: tf.Qwen3Config(**common),  # q/k norms
+        "granite": lambda: tf.GraniteConfig(**common, residual_multiplier=0.5),
+        "olmo2": lambda: tf.Olmo2Config(**common),  # norms after attention and MLP
+        "smollm3": lambda: tf.SmolLM3Config(  # layer 0 without rotary, layer 1 with
+            **common, no_rope_layers=[0, 1], no_rope_layer_interval=2
+        ),
+        "flex": lambda: tf.LlamaConfig(**common),
+    }
+    config = configs[kind]()
+    config._attn_implementation = "flex_attention" if kind == "flex" else "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("kind", "fusable"), [("qwen3", 0), ("granite", 0), ("olmo2", 0), ("smollm3", 1), ("flex", 0)]
+)
+def test_layers_that_compute_something_else_are_left_alone(kind: str, fusable: int) -> None:
+    model = other_model(kind)
+    fused = copy.deepcopy(model)
+    assert fuse_layers(fused) == fusable
+    if kind == "flex":
+        return  # (flex attention's own forward is not run on CPU here)
+    ids = torch.tensor([[5, 9, 14, 3, 7, 8, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

@@ -47,6 +47,7 @@ _MAX_TUNED_ROWS = 32  # more rows: a compute-bound GEMM, where oneDNN's packed o
 _TRANSPOSED_MAX_ROWS = 3  # measured: the transposed layout loses from 4 rows on
 # measured: torch's int8 and int4 weight-only kernels lose to oneDNN bf16 from 8 rows
 _QUANT_MAX_ROWS = 4
+_INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu")  # torch >= 2.6
 _PLANS: dict[tuple[int, int, torch.dtype, bool, int], Way] = {}  # shared by equal shapes
 _TUNINGS = [0]
 
@@ -381,8 +382,9 @@ class Int4Linear(_WeightOnlyLinear):
     """A linear layer with int4 weights, a bfloat16 scale and zero per group of inputs.
 
     Half the weight bytes of :class:`Int8Linear`. Weights dequantized from a 4-bit GGUF
-    file with groups of 32 and a per-group minimum (Q4_0, Q4_1; every layer of the
-    shipped SmolLM2) lie exactly on this grid, so the draft computes with the target's
+    file with groups of 32, a scale and a minimum each (Q4_1, every layer of the shipped
+    SmolLM2; not the symmetric Q4_0, whose groups need not span their grid) lie exactly on
+    this grid, so the draft computes with the target's
     own weights, up to bfloat16 rounding of each group's scale and zero. Up to 4 rows
     run ``torch._weight_int4pack_mm_for_cpu``, more rows a bfloat16 :class:`FastLinear`
     over the dequantized weights.
@@ -422,12 +424,14 @@ class Int4Linear(_WeightOnlyLinear):
             )
         with torch.no_grad():
             q, scale_zero, dequantized = _int4_quantize(linear.weight, group_size)
-        # the CPU kernel packs two 4-bit values per byte in tiles: it needs out % 16 == 0
-        # and groups of at least 32 inputs; other shapes run the dense bfloat16 copy only
+        # torch's CPU kernel (2.6 and later) packs two 4-bit values per byte in tiles of
+        # 16 outputs and takes groups of 32-256 inputs; multiples of 32 outputs were tested
+        # here, as for the int8 kernel. Other shapes run the dense bfloat16 copy only
         kernel = (
-            linear.out_features % 32 == 0
+            _INT4_KERNEL
+            and linear.out_features % 32 == 0
             and linear.in_features % 32 == 0
-            and group_size % 32 == 0
+            and group_size in (32, 64, 128, 256)
             and q.device.type == "cpu"
         )
         super().__init__(linear, dequantized, kernel)
@@ -518,12 +522,16 @@ def int4_linears(model: nn.Module, group_size: int = 32) -> nn.Module:
     hold its weights at least as accurately as int8 per channel, else by an
     :class:`Int8Linear`, in place.
 
-    Weights dequantized from 4-bit groups (Q4_0 / Q4_1 GGUF files) are exact in int4 and
-    take it; 5- to 8-bit ones (Q5_0, Q8_0: Gemma-3's most layers, both shipped output
-    layers) are closer in int8 and keep it. The comparison is the mean squared error of
-    the dequantized weights, bfloat16 rounding of scales and zeros included. Tied
-    weights are untied. Returns the same model.
+    Weights dequantized from 4-bit groups with a scale and a minimum (Q4_1 GGUF files) are
+    exact in int4 and take it; 5- to 8-bit ones (Q5_0, Q8_0: Gemma-3's most layers, both
+    shipped output layers) and Q4_0 / Q4_K ones (whose groups need not span a min/max
+    grid) are closer in int8 and keep it. The comparison is the mean squared error of the
+    dequantized weights, bfloat16 rounding of scales and zeros included. Without torch's
+    int4 CPU kernel (torch < 2.6) every layer takes int8. Tied weights are untied.
+    Returns the same model.
     """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
     for name, child in list(model.named_children()):
         if type(child) is nn.Linear:
             setattr(model, name, _lower_bits(child, group_size))
@@ -534,7 +542,7 @@ def int4_linears(model: nn.Module, group_size: int = 32) -> nn.Module:
 
 def _lower_bits(linear: nn.Linear, group_size: int) -> nn.Module:
     """The int4 layer when it is at least as accurate as the int8 one, else the int8 one."""
-    if linear.in_features % group_size:
+    if not _INT4_KERNEL or linear.in_features % group_size:
         return Int8Linear(linear)
     w = linear.weight.detach().float()
     with torch.no_grad():

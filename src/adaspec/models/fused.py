@@ -20,7 +20,11 @@ own ``generate`` (an assisted generation's ``assistant_model``) run it unchanged
 
 Supported: llama-style layers (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
 two RMSNorms: Llama, SmolLM2, Mistral, Qwen2) and Gemma-3 layers (q/k norms, four RMSNorms,
-no attention logit soft-capping). Anything else is left as it is.
+no attention logit soft-capping), in models with sdpa or eager attention. Each candidate
+layer is run against its fused version on a probe before it is replaced: a layer that
+shares these names but computes something else (Qwen3's q/k norms, SmolLM3's layers
+without rotary, Granite's residual multiplier, ...) is left as it is, as is anything
+else.
 """
 
 from __future__ import annotations
@@ -176,7 +180,13 @@ class FusedDecoderLayer(nn.Module):
 
 
 def _fused(module: nn.Module) -> FusedDecoderLayer | None:
-    """The fused version of a transformers decoder layer, or None where unsupported."""
+    """The fused version of a transformers decoder layer, or None where unsupported.
+
+    The attribute names only propose a candidate; it is kept only if it computes what the
+    layer computes on a probe (many transformers layers share llama's names but add what
+    the fused layer does not do: Qwen3's q/k norms, SmolLM3's layers without rotary,
+    Granite's residual multiplier, ...).
+    """
     layer: Any = module
     attn: Any = getattr(layer, "self_attn", None)
     mlp: Any = getattr(layer, "mlp", None)
@@ -185,23 +195,26 @@ def _fused(module: nn.Module) -> FusedDecoderLayer | None:
         return None
     if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return None
-    if getattr(attn, "attn_logit_softcapping", None) is not None or type(attn.o_proj) is not (
-        nn.Linear
-    ):
+    if getattr(attn, "attn_logit_softcapping", None) is not None:
         return None
-    if type(mlp.down_proj) is not nn.Linear:
+    if type(attn.o_proj) is not nn.Linear or type(mlp.down_proj) is not nn.Linear:
         return None
     gemma = all(
         hasattr(layer, n) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
     )
     hidden = int(attn.q_proj.in_features)
     D = int(attn.head_dim)
-    modules = [layer.input_layernorm, layer.post_attention_layernorm]
-    sizes = [hidden, hidden]
+    norm_names = ["input_layernorm", "post_attention_layernorm"]
     if gemma:
-        modules += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
-        modules += [attn.q_norm, attn.k_norm]
-        sizes += [hidden, hidden, D, D]
+        norm_names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    found_modules = [getattr(layer, n, None) for n in norm_names]
+    sizes = [hidden] * len(norm_names)
+    if gemma:
+        found_modules += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+        sizes += [D, D]
+    modules = [m for m in found_modules if isinstance(m, nn.Module)]
+    if len(modules) != len(found_modules):
+        return None
     found = [_norm_weight(m, n) for m, n in zip(modules, sizes, strict=True)]
     if any(f is None for f in found) or len({f[1] for f in found if f is not None}) != 1:
         return None
@@ -211,7 +224,42 @@ def _fused(module: nn.Module) -> FusedDecoderLayer | None:
     gate_up = _merged(mlp.gate_proj, mlp.up_proj)
     if qkv is None or gate_up is None:
         return None
-    return FusedDecoderLayer(layer, qkv, gate_up, norms, eps)
+    fused = FusedDecoderLayer(layer, qkv, gate_up, norms, eps)
+    return fused if _same_function(layer, fused, hidden, D) else None
+
+
+def _same_function(layer: nn.Module, fused: FusedDecoderLayer, hidden: int, D: int) -> bool:
+    """Whether ``fused`` computes what ``layer`` computes: 3 random tokens (with a causal
+    additive mask, which every attention implementation takes alike) and random rotary
+    tables, no cache; float32 to 1e-4 of the output's scale, other dtypes to 5e-2."""
+    weight = next(fused.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(weight.device, weight.dtype)
+
+    x, cos, sin = rand(1, 3, hidden), rand(1, 3, D), rand(1, 3, D)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=weight.device).tril()
+    mask = torch.zeros(1, 1, 3, 3, dtype=weight.dtype, device=weight.device)
+    mask = mask.masked_fill(~causal, torch.finfo(weight.dtype).min)
+    kwargs: dict[str, Any] = dict(
+        attention_mask=mask,
+        position_embeddings=(cos, sin),
+        position_ids=torch.arange(3, device=weight.device).unsqueeze(0),
+        past_key_values=None,
+    )
+    try:
+        with torch.no_grad():
+            want = layer(x, **kwargs)
+            got = fused(x, **kwargs)
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        return False
+    want = want[0] if isinstance(want, tuple) else want
+    if not isinstance(want, Tensor) or want.shape != got.shape:
+        return False
+    tol = 1e-4 if weight.dtype == torch.float32 else 5e-2
+    scale = float(want.abs().max())
+    return bool(torch.isfinite(got).all()) and float((got - want).abs().max()) <= tol * scale
 
 
 def fuse_layers(model: nn.Module) -> int:
@@ -245,6 +293,9 @@ def fuse_layers(model: nn.Module) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return 0  # flex attention passes block masks, which SDPA does not take
     replaced = 0
     for module in list(model.modules()):
         if not isinstance(module, nn.ModuleList):

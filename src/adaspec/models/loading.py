@@ -317,7 +317,8 @@ def make_draft(
         Replace llama- and Gemma-3-style decoder layers by
         :class:`~adaspec.models.fused.FusedDecoderLayer` (q/k/v and gate/up merged, fewer
         ops; the same function) before quantizing: a decode step spends most of its time
-        in per-op overhead, not arithmetic.
+        in per-op overhead, not arithmetic. Not for ``"int8"``, whose dynamic quantization
+        gives a whole weight one scale (merged q, k and v would share it).
 
     Note: int8 dynamic quantization scales activations per call, so a draft token's logits
     depend slightly on the other tokens forwarded with it.
@@ -327,7 +328,7 @@ def make_draft(
     from adaspec.models.fast import plain_linears
 
     draft = plain_linears(copy.deepcopy(target))  # an optimized target's FastLinears too
-    if fuse:
+    if fuse and kind != "int8":  # (dynamic int8 scales a whole weight: keep q, k, v apart)
         from adaspec.models.fused import fuse_layers
 
         fuse_layers(draft)
