@@ -3,6 +3,7 @@ distributions on a tiny vocabulary, and the cache-length invariant."""
 
 import copy
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,10 +57,18 @@ PROMPTS.append([(7 * i + 3) % 97 + 1 for i in range(60)])
     "config",
     [
         FIXED,
+        replace(FIXED, share_cache=False),
         EngineConfig(depth=4, width=3, budget="auto", calibrate=True, max_batch=2),
+        EngineConfig(depth=4, width=3, budget="auto", max_batch=2, share_cache=False),
         EngineConfig(depth=0),
     ],
-    ids=["fixed-budget", "auto-continuous-batching", "no-speculation"],
+    ids=[
+        "fixed-budget",
+        "fixed-budget-own-draft-cache",
+        "auto-continuous-batching",
+        "auto-own-draft-cache",
+        "no-speculation",
+    ],
 )
 def test_greedy_equals_target_generate_exactly_in_float64(pair64, config):
     target, draft = pair64
@@ -99,8 +108,11 @@ def exact_distribution(model, prompt, length, temperature, top_k, top_p):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, None), (0.7, 3, 0.9)])
-def test_sampled_sequences_follow_the_target_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p", "share_cache"),
+    [(1.0, None, None, False), (0.7, 3, 0.9, False), (1.0, None, None, True)],
+)
+def test_sampled_sequences_follow_the_target_distribution(temperature, top_k, top_p, share_cache):
     target = tiny_model(vocab_size=5, seed=5).double()
     draft = noisy_copy(target, 0.3, seed=6)
     prompt, length, n = [1, 3, 2], 2, 3000
@@ -108,7 +120,9 @@ def test_sampled_sequences_follow_the_target_distribution(temperature, top_k, to
     engine = Engine(
         target,
         draft,
-        config=EngineConfig(depth=2, width=2, budget=4 * n, max_batch=n, warmup=False),
+        config=EngineConfig(
+            depth=2, width=2, budget=4 * n, max_batch=n, warmup=False, share_cache=share_cache
+        ),
     )
     ids = [
         engine.add_request(
@@ -156,11 +170,14 @@ def test_same_seed_same_samples(pair64):
     assert runs[0] == runs[1]
 
 
-def test_requests_join_and_finish_mid_run_and_cache_lengths_hold(pair64):
+@pytest.mark.parametrize("share_cache", [False, True])
+def test_requests_join_and_finish_mid_run_and_cache_lengths_hold(pair64, share_cache):
     target, draft = pair64
-    engine = Engine(
-        target, draft, config=EngineConfig(depth=3, width=2, budget=12, max_batch=2, warmup=False)
+    config = EngineConfig(
+        depth=3, width=2, budget=12, max_batch=2, warmup=False, share_cache=share_cache
     )
+    engine = Engine(target, draft, config=config)
+    assert engine._share_cache is share_cache
     want = {}
     outputs: dict[int, list[int]] = {}
     lengths = [5, 9, 3, 7]
@@ -180,9 +197,13 @@ def test_requests_join_and_finish_mid_run_and_cache_lengths_hold(pair64):
         tstate, dstate = engine._target_state, engine._draft_state
         for i, req in enumerate(engine._active):
             assert tstate is not None
-            assert dstate is not None
             expect = len(req.prompt) - 1 + len(req.output)
             assert int(tstate.lens[i]) == expect
+            assert tstate.capacity == int(tstate.lens.max())  # no tree left behind
+            if share_cache:  # the draft grows its trees on the target's cache
+                assert dstate is None
+                continue
+            assert dstate is not None
             draft_len = int(dstate.lens[i]) + int((dstate.backlog[i] >= 0).sum())
             assert draft_len == expect
         assert len(engine._active) <= 2
@@ -286,6 +307,25 @@ def test_abort_and_bad_input(pair64):
         generate(target, draft, [[1], [2]], slo=[0.1])
     with pytest.raises(ValueError, match="single prompt"):
         generate(target, draft, [[1], [2]], streamer=object())
+    with pytest.raises(ValueError, match="share_cache"):
+        EngineConfig(share_cache="yes")  # type: ignore[arg-type]
+
+
+def test_draft_shares_the_target_cache_only_when_its_keys_and_values_match(pair64):
+    target, near = pair64
+    # a draft close to the target (a noisy copy, like a quantized one) shares by default
+    assert Engine(target, near, config=FIXED)._share_cache
+    apart = tiny_model(seed=1).double()  # same layout, trained apart: keeps its own cache
+    assert not Engine(target, apart, config=FIXED)._share_cache
+    # insisting works on any pair with the same layout, and still emits the target's tokens
+    insisted = generate(
+        target, apart, PROMPTS[:2], max_new_tokens=6, config=replace(FIXED, share_cache=True)
+    )
+    assert insisted.sequences == [reference(target, p, 6) for p in PROMPTS[:2]]
+    other = tiny_model(num_layers=3, seed=0).double()
+    with pytest.raises(ValueError, match="laid out"):
+        Engine(target, other, config=replace(FIXED, share_cache=True))
+    assert not Engine(target, other, config=FIXED)._share_cache
 
 
 class RecordingStreamer:

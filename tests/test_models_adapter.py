@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from typing import Any
@@ -19,6 +20,8 @@ from adaspec.models import (
     grow_draft_tree,
     map_accepted,
     prefill,
+    share_prefix,
+    shares_cache,
     tiny_model,
     tree_forward,
 )
@@ -240,6 +243,47 @@ def test_draft_tree_matches_plain_beam_across_steps(key: tuple[str, str]) -> Non
             backlogged += n_backlog
         roots = torch.randint(0, VOCAB, (3,), generator=gen)
     assert backlogged > 0  # the next step forwarded a backlogged leaf before its root
+
+
+@pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])
+def test_draft_tree_on_a_shared_prefix_matches_plain_beam_and_leaves_the_owner_alone(
+    key: tuple[str, str],
+) -> None:
+    """Trees grown on share_prefix(state) == a beam over plain forwards; state unchanged."""
+    model = MODELS[key]
+    seqs = prompts_of(torch.Generator().manual_seed(5), [3, 9, 6])
+    state, logits = prefill(model, seqs)
+    roots = logits.argmax(-1)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache_layers(state)]
+    lens = state.lens.clone()
+    for _ in range(2):  # twice on one state: the first growth left nothing behind
+        out = grow_draft_tree(model, share_prefix(state), roots, depth=3, width=2)
+        ref = plain_beam(model, seqs, roots, 3, 2)
+        assert torch.equal(out.candidates.tokens, ref.tree.tokens)
+        torch.testing.assert_close(out.candidates.logp, ref.tree.logp, atol=1e-4, rtol=0)
+        assert torch.equal(state.lens, lens)
+        assert state.pending == 0
+        for (k, v), layer in zip(before, cache_layers(state), strict=True):
+            assert torch.equal(k, layer.keys)
+            assert torch.equal(v, layer.values)
+    # the owner then verifies a tree as usual
+    tree_forward(model, out.candidates, state)
+    with pytest.raises(ValueError, match="uncommitted"):
+        share_prefix(state)
+
+
+def test_shares_cache_compares_layouts_and_values() -> None:
+    llama = MODELS[("llama", "sdpa")]
+    assert shares_cache(llama, llama)
+    assert shares_cache(llama, MODELS[("llama", "eager")])  # same weights, other attention
+    apart = tiny_model("llama", sliding_window=WINDOW, seed=8)
+    assert not shares_cache(llama, apart)
+    assert shares_cache(llama, apart, tol=None)  # the layout alone
+    assert not shares_cache(llama, tiny_model("llama", num_layers=3, seed=7), tol=None)
+    assert not shares_cache(llama, copy.deepcopy(llama).double(), tol=None)  # dtypes differ
+    assert not shares_cache(llama, MODELS[("gemma3", "sdpa")], tol=None)  # a sliding window
+    with pytest.raises(ValueError, match="tol"):
+        shares_cache(llama, llama, tol=0.0)
 
 
 def test_select_keeps_requests() -> None:

@@ -44,6 +44,8 @@ from adaspec.models import (
     grow_draft_tree,
     map_accepted,
     prefill,
+    share_prefix,
+    shares_cache,
     tree_forward,
 )
 from adaspec.models.fast import tunings
@@ -138,6 +140,10 @@ class _Profile:
 _PROFILES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary[nn.Module, _Profile]] = (
     weakref.WeakKeyDictionary()
 )
+# target -> draft -> (setting, whether the draft may grow its trees on the target's cache)
+_SHARES: weakref.WeakKeyDictionary[
+    nn.Module, weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], bool]]
+] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,13 @@ class EngineConfig:
             latency models; once per (target, draft) pair in a process: a later engine on
             the same pair starts from what the last one measured and learned, whenever it
             ran out of requests (latency models, acceptance counts, step prices).
+        share_cache: let the draft grow its trees on the target's KV cache instead of
+            keeping its own (:func:`~adaspec.models.share_prefix`): the draft never
+            prefills prompts, never catches up after plain steps, never commits. ``None``
+            (the default): when :func:`~adaspec.models.shares_cache` finds the draft's keys
+            and values close to the target's (drafts quantized from the target's weights,
+            as ``load_pair`` makes them); ``True`` insists (the caches must be laid out
+            alike), ``False`` keeps a draft cache.
     """
 
     depth: int = 4
@@ -189,6 +202,7 @@ class EngineConfig:
     calibrate: bool = True
     warmup: bool = True
     selection: Literal["slo", "throughput", "even"] = "slo"
+    share_cache: bool | None = None
 
     def __post_init__(self) -> None:
         if self.selection not in ("slo", "throughput", "even"):
@@ -209,6 +223,10 @@ class EngineConfig:
         if self.max_per_request is not None and self.max_per_request < 1:
             raise ValueError(
                 f"EngineConfig.max_per_request must be >= 1, got {self.max_per_request}"
+            )
+        if self.share_cache not in (None, True, False):
+            raise ValueError(
+                f"EngineConfig.share_cache must be None, True or False, got {self.share_cache!r}"
             )
 
 
@@ -402,7 +420,9 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
         self._target_state: KVState | None = None
+        # the draft's own cache; None throughout when it shares the target's
         self._draft_state: KVState | None = None
+        self._share_cache = self._decide_sharing()
         self._next_id = 0
         # the pair's decayed acceptance counts per beam kind (index 0: chains, 1: wider
         # beams): drafted levels the accepted path reached, and how many the target accepted
@@ -443,6 +463,26 @@ class Engine:
                 self._save_profile()
             else:
                 self._load_profile(profile)
+
+    def _decide_sharing(self) -> bool:
+        """Whether the draft grows its trees on the target's cache (config.share_cache)."""
+        want = self.config.share_cache
+        if want is False or self.config.depth == 0:
+            return False
+        if want:
+            if not shares_cache(self.target, self.draft, tol=None):
+                raise ValueError(
+                    "EngineConfig.share_cache=True needs a draft whose KV cache is laid out "
+                    "like the target's (layers, heads, head size, dtype, device, attention "
+                    "windows); this pair's differs"
+                )
+            return True
+        by_draft = _SHARES.setdefault(self.target, weakref.WeakKeyDictionary())
+        setting = self._setting()
+        known = by_draft.get(self.draft)
+        if known is None or known[0] != setting:
+            known = by_draft[self.draft] = (setting, shares_cache(self.target, self.draft))
+        return known[1]
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -580,10 +620,11 @@ class Engine:
             start += len(group)
         assert joined is not None
         self._target_state = concat_states(self._target_state, joined)
-        self._draft_state = concat_states(
-            self._draft_state,
-            deferred_state([[*p, t] for p, t in zip(prompts, first, strict=True)], self.device),
-        )
+        if not self._share_cache:
+            self._draft_state = concat_states(
+                self._draft_state,
+                deferred_state([[*p, t] for p, t in zip(prompts, first, strict=True)], self.device),
+            )
         start = len(self._active)
         self._active.extend(new)
         now = time.perf_counter()
@@ -609,9 +650,9 @@ class Engine:
         self._active = [self._active[i] for i in keep]
         if keep:
             assert self._target_state is not None
-            assert self._draft_state is not None
             self._target_state = self._target_state.select(keep)
-            self._draft_state = self._draft_state.select(keep)
+            if self._draft_state is not None:
+                self._draft_state = self._draft_state.select(keep)
         else:
             self._target_state = self._draft_state = None
             if self.config.warmup and not self._waiting:
@@ -690,8 +731,9 @@ class Engine:
         plain_rate = self._plain_rate(R)
         # the draft's one-off catch-up over what it has not seen (prompts, plain steps),
         # repaid only by the tokens still to come
-        assert self._draft_state is not None
-        backlog = int((self._draft_state.backlog >= 0).sum(1).max())
+        backlog = 0  # a draft that shares the target's cache has seen everything
+        if self._draft_state is not None:
+            backlog = int((self._draft_state.backlog >= 0).sum(1).max())
         catch_up_s = 0.0
         if backlog > _CATCH_UP_MIN and self.draft_latency.observed:
             # one draft forward's fixed cost, and per (padded) token what the last catch-ups
@@ -1003,7 +1045,6 @@ class Engine:
 
     def _speculative_step(self, depth: int, width: int) -> tuple[list[list[int]], list[int]]:
         assert self._target_state is not None
-        assert self._draft_state is not None
         cfg = self.config
         R = len(self._active)
         temperature, top_k, top_p, greedy = self._sampling()
@@ -1011,11 +1052,16 @@ class Engine:
 
         # 1. draft: catch up on tokens it has not seen (prompts, plain steps), then candidate
         # trees from a beam over the draft model
-        # (a short backlog rides along with the roots in the beam's first forward)
-        backlog = self._draft_state.backlog
+        # (a short backlog rides along with the roots in the beam's first forward); a draft
+        # sharing the target's cache grows its trees on a view of it and has no backlog
+        if self._draft_state is None:
+            draft_state = share_prefix(self._target_state)
+        else:
+            draft_state = self._draft_state
+        backlog = draft_state.backlog
         caught_up = False
         if backlog.shape[1] > _CATCH_UP_MIN and int((backlog >= 0).sum(1).max()) > _CATCH_UP_MIN:
-            catch_up(self.draft, self._draft_state)
+            catch_up(self.draft, draft_state)
             caught_up = True
         t_beam = time.perf_counter()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
@@ -1023,7 +1069,7 @@ class Engine:
         if cfg.budget == "auto" and self._planned is not None:
             stop = self._level_rule(R, width)
         dtree = grow_draft_tree(
-            self.draft, self._draft_state, roots, depth, width,
+            self.draft, draft_state, roots, depth, width,
             temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
         )  # fmt: skip
         t_draft = time.perf_counter()
@@ -1064,7 +1110,8 @@ class Engine:
         # 4. verification, then keep the accepted paths in both caches
         res = self._verify(sel.tree, logits, temperature, top_k, top_p, greedy)
         commit(self._target_state, res.accepted)
-        commit_draft(self._draft_state, dtree, map_accepted(res.accepted, sel.kept))
+        if self._draft_state is not None:
+            commit_draft(self._draft_state, dtree, map_accepted(res.accepted, sel.kept))
         if self.calibrator is not None:
             # the calibrator learns from the draft's raw estimates of the verified nodes
             raw = cand_raw.logp.gather(1, sel.kept.clamp(min=0)).masked_fill(
@@ -1129,7 +1176,6 @@ class Engine:
     def _plain_step(self) -> tuple[list[list[int]], list[int]]:
         """One target forward of the roots alone; the draft catches up at its next step."""
         assert self._target_state is not None
-        assert self._draft_state is not None
         R = len(self._active)
         temperature, top_k, top_p, greedy = self._sampling()
         roots = torch.tensor([r.root for r in self._active], device=self.device)
@@ -1143,7 +1189,8 @@ class Engine:
             self.verify_latency.observe(R, t_verify - t_start)
         res = self._verify(tree, logits, temperature, top_k, top_p, greedy)
         commit(self._target_state, res.accepted)
-        append_backlog(self._draft_state, roots)  # the draft never saw these roots
+        if self._draft_state is not None:
+            append_backlog(self._draft_state, roots)  # the draft never saw these roots
         self.stats.spec = self.stats.spec.update(res, tree)
         emitted, counts = res.emitted.tolist(), res.num_emitted.tolist()
         t_end = time.perf_counter()

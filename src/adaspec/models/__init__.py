@@ -13,7 +13,14 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from adaspec.models.adapter import KVState, commit, prefill, tree_forward
-from adaspec.models.draft import DraftTree, commit_draft, grow_draft_tree, map_accepted
+from adaspec.models.draft import (
+    DraftTree,
+    commit_draft,
+    grow_draft_tree,
+    map_accepted,
+    share_prefix,
+    shares_cache,
+)
 from adaspec.models.loading import (
     PAIRS,
     MissingModelPackageError,
@@ -40,6 +47,8 @@ __all__ = [
     "make_draft",
     "map_accepted",
     "prefill",
+    "share_prefix",
+    "shares_cache",
     "tiny_model",
     "tree_forward",
 ]

@@ -9,10 +9,18 @@ The draft keeps a :class:`~adaspec.models.KVState` just like the target. One dra
 3. after the target verifies, :func:`commit_draft` keeps the root and the accepted path in
    the draft cache. The deepest level is never forwarded by the draft (its children are
    not needed), so an accepted node there goes to the backlog of the next step.
+
+A draft made from the target's own weights (:func:`~adaspec.models.make_draft`: quantized
+copies) computes nearly the target's keys and values. Such a draft needs no cache of its
+own: :func:`shares_cache` tells whether a pair qualifies, and each step the draft grows
+its tree on :func:`share_prefix` of the target's cache (the prefix is shared, the tree's
+entries are the draft's own and are dropped after the step): no catch-up over prompts or
+plain steps, no commit, no backlog.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,10 +28,26 @@ import torch
 from torch import Tensor, nn
 
 from adaspec.acceptance import Param, TreeGrower
-from adaspec.models.adapter import KVState, _check_state, _extend, _forward_block, commit
+from adaspec.models.adapter import (
+    KVState,
+    _attention_config,
+    _check_state,
+    _extend,
+    _forward_block,
+    _layers,
+    commit,
+    prefill,
+)
 from adaspec.tree import TokenTree, ancestor_mask
 
-__all__ = ["DraftTree", "commit_draft", "grow_draft_tree", "map_accepted"]
+__all__ = [
+    "DraftTree",
+    "commit_draft",
+    "grow_draft_tree",
+    "map_accepted",
+    "share_prefix",
+    "shares_cache",
+]
 
 
 class DraftTree(NamedTuple):
@@ -183,3 +207,83 @@ def commit_draft(state: KVState, draft_tree: DraftTree, accepted: Tensor) -> Ten
     lens = commit(state, torch.where(cached, grown, -1))
     state.backlog = backlog
     return lens
+
+
+def share_prefix(state: KVState) -> KVState:
+    """A state over the same committed prefix as ``state``, sharing its cache tensors.
+
+    Forwards into the new state (:func:`grow_draft_tree`) append to it alone: caches grow
+    by concatenation into new tensors, so ``state`` is never written. Costs no copy.
+    ``state`` must have no pending tree and no backlog (a target's state between steps).
+
+    Example
+    -------
+    >>> from adaspec.models import prefill, tiny_model
+    >>> model = tiny_model(seed=0)
+    >>> state, logits = prefill(model, [[1, 2, 3]])
+    >>> view = share_prefix(state)
+    >>> _ = grow_draft_tree(model, view, logits.argmax(-1), depth=2, width=1)
+    >>> state.lens.tolist(), state.capacity, view.capacity
+    ([3], 3, 5)
+    """
+    _check_state(state)
+    if state.pending != 0:
+        raise ValueError("state has an uncommitted tree; call commit() first")
+    if bool((state.backlog >= 0).any()):
+        raise ValueError("state has a backlog of uncached tokens; share a target's state")
+    cache = copy.copy(state.cache)
+    cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+    return KVState(
+        cache, state.lens.clone(), 0, state.pending_pos[:, :0].clone(), state.backlog[:, :0]
+    )
+
+
+def shares_cache(target: nn.Module, draft: nn.Module, *, tol: float | None = 0.2) -> bool:
+    """Whether ``draft`` can grow its trees on ``target``'s KV cache (:func:`share_prefix`).
+
+    True when both models lay out their caches alike (layers, heads, head size, dtype,
+    device, attention windows) and, on a probe of 32 tokens, every layer's keys and values
+    of the draft lie within ``tol`` relative error (Frobenius norm) of the target's. Drafts
+    quantized from the target's weights pass (the shipped pairs: at most 0.02 for SmolLM2's
+    int4 draft, 0.06 for Gemma's int8 one); a model trained apart has errors near 1.
+    ``tol=None`` checks the layout alone. Costs one short prefill of each model.
+
+    Example
+    -------
+    >>> from adaspec.models import tiny_model
+    >>> shares_cache(tiny_model(seed=0), tiny_model(seed=0)), shares_cache(
+    ...     tiny_model(seed=0), tiny_model(seed=1))
+    (True, False)
+    """
+    if tol is not None and (not isinstance(tol, (int, float)) or not 0 < tol < float("inf")):
+        raise ValueError(f"tol must be a finite number > 0 or None, got {tol!r}")
+    if _attention_config(target) != _attention_config(draft):
+        return False
+    vocab = [_vocab_size(m) for m in (target, draft)]
+    if None in vocab:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, min(v for v in vocab if v is not None), (1, 32), generator=generator)
+    target_state, _ = prefill(target, probe)
+    draft_state, _ = prefill(draft, probe)
+    layers = _layers(target_state), _layers(draft_state)
+    if len(layers[0]) != len(layers[1]):
+        return False
+    for t, d in zip(*layers, strict=True):
+        for a, b in ((t.keys, d.keys), (t.values, d.values)):
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                return False
+            if tol is None:
+                continue
+            error = (b.double() - a.double()).norm() / a.double().norm().clamp(min=1e-30)
+            if float(error) > tol:
+                return False
+    return True
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """Rows of a model's input embedding (the token ids it accepts), if it has one."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    return int(rows) if isinstance(rows, int) else None
