@@ -27,6 +27,7 @@ def planned(draft_cost: float, *, prompt_len: int = 4, max_new_tokens: int = 200
         eng.verify_latency.observe(n, 0.050 + 0.001 * n)
         eng.draft_latency.observe(n, draft_cost * (0.050 + 0.001 * n))
     eng._plain_samples, eng._plain_time_ratio = 2, 1.0
+    eng._plain_batch = 64
     return eng
 
 
@@ -34,10 +35,11 @@ def test_plain_decoding_is_measured_first_unless_speculation_wins_anyway():
     # a cheap draft wins even against plain decoding _PLAIN_DOUBT times faster than the
     # latency model says: it speculates at once
     eng = planned(0.1)
-    eng._plain_samples = 0
+    eng._plain_samples, eng._plain_batch = 0, 1
     assert eng._plan_shape(1, 4, 4)[0] > 0
     # a dearer one wins only against the measured plain steps: two are measured first
     eng = planned(0.5)
+    eng._plain_batch = 1
     for measured in (0, 1):
         eng._plain_samples = measured
         assert eng._plan_shape(1, 4, 4) == (0, 4)
@@ -262,3 +264,38 @@ def test_a_probe_spends_little_on_the_drafts_catch_up(monkeypatch: pytest.Monkey
     assert probe_taken()
     monkeypatch.setattr(core, "_PROBE_CATCH_UP", 0.005)  # at most 0.26 s
     assert not probe_taken()
+
+
+def test_a_larger_batch_measures_a_plain_step_before_it_speculates():
+    eng = planned(0.1)  # a cheap draft: at batch 1 it speculates at once
+    eng._plain_batch = 1  # plain steps were measured at batch 1 only
+    assert eng._plan_shape(1, 4, 1)[0] > 0
+    for _ in range(3):
+        eng.add_request([5, 6, 7], max_new_tokens=200)
+    eng._admit()
+    assert eng._plan_shape(4, 4, 1) == (0, 1)  # the latency models rest on batch 1
+    eng._plain_step()  # measured at 4 (and so for every smaller batch)
+    assert eng._plain_batch == 4
+    assert eng._plan_shape(4, 4, 1)[0] > 0
+    assert eng._plan_shape(3, 4, 1)[0] > 0
+
+
+def test_a_closed_batch_speculates_only_where_its_slowest_request_gains():
+    """With no request waiting, the batch ends with its last request: a draft that one
+    request accepts 97 % of the time and the other 50 % is worth a chain only while others
+    wait to take the finished request's place."""
+
+    def plan(waiting: bool) -> int:
+        eng = planned(0.3, max_new_tokens=32)
+        eng.add_request([5, 6], max_new_tokens=32)
+        eng._admit()
+        good, poor = eng._active
+        good.trials[0], good.hits[0] = 100.0, 97.0
+        poor.trials[0], poor.hits[0] = 100.0, 50.0
+        eng._plain_streak = 1
+        if waiting:
+            eng.add_request([7], max_new_tokens=32)  # queued: not admitted yet
+        return eng._plan_shape(2, 4, 1)[0]
+
+    assert plan(waiting=True) > 0
+    assert plan(waiting=False) == 0

@@ -445,6 +445,7 @@ class Engine:
         # buckets move together as speculative steps observe larger sizes)
         self._plain_time_ratio = 0.0
         self._plain_samples = 0
+        self._plain_batch = 1  # the largest batch a plain step was measured at (1: none)
         # the plan of this step: its draft's first level and further ones (seconds), and the
         # long-run tokens per second it expects (what a further level must beat)
         self._planned: tuple[float, float, float] | None = None
@@ -698,9 +699,10 @@ class Engine:
         its longest (``_CHAIN_DEPTHS`` x ``depth``, within the step's token bound and the
         per-request cap): :meth:`_level_rule` ends it where the draft's confidence no
         longer pays (a probe keeps the depth its optimistic rate was best at).
-        Until two plain steps were measured at this batch, plain decoding is priced
-        ``_PLAIN_DOUBT`` times faster than predicted: speculation starts at once only where
-        it wins even so, and otherwise plain steps measure what plain decoding costs here;
+        At a batch larger than any a plain step was measured at, the first step is plain
+        (it measures what plain decoding costs there); at batch 1, until two plain steps
+        were measured, plain decoding is priced ``_PLAIN_DOUBT`` times faster than
+        predicted: speculation starts at once only where it wins even so;
         switching to speculation needs a predicted 10 % gain, staying with it only a
         gain, and a long run of speculation takes a plain step now and then to re-measure.
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
@@ -722,6 +724,12 @@ class Engine:
         to_go = [r.max_new_tokens - len(r.output) for r in self._active]
         left = max(to_go)
         if left <= 1:
+            return 0, width
+        if self._plain_batch < R:
+            # the latency models rest on other batch sizes (the warm-up's one request): at
+            # Gemma's batch 4 they priced a plain step 1.4x slower than it ran, and the plan
+            # speculated at a 6 % loss. One plain step measures it (and loses nothing)
+            self._planned = None
             return 0, width
         cap = min(cap, left)
         depth = min(depth, left - 1)
@@ -757,6 +765,12 @@ class Engine:
         # switching to speculation needs the margin; staying with it, only to beat plain
         # decoding (leaving it and coming back would pay a catch-up)
         speculating = self._spec_streak > 0
+        # with no request waiting, the batch is done when its last request is: plain steps
+        # advance every request alike, speculative ones the well-predicted requests faster
+        # than the others (Gemma at batch 4: its lowest-acceptance request decoded its last
+        # tokens alone at 150-190 ms a step, and the run lost 6 % to plain decoding)
+        closed = R > 1 and not self._waiting
+        goal = torch.tensor(to_go, dtype=torch.float64)  # [R]
 
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
@@ -769,6 +783,13 @@ class Engine:
                     alpha = min(alpha + (alpha * (1 - alpha) / n) ** 0.5, 1.0)
                 levels = chain if w == 1 else depth
                 emitted = (alpha**d).cumsum(0)[: levels + 1]  # 1 + α + ... + α^d
+                straggle = torch.ones_like(emitted)
+                if closed and not optimistic:
+                    # the steps the batch's last request needs at each depth, per request's
+                    # own α: max_i to_go_i / E_i against max_i to_go_i at the batch mean
+                    own = self._alphas(i).unsqueeze(1) ** d[: emitted.numel()]  # [R, levels + 1]
+                    last = (goal.unsqueeze(1) / own.cumsum(1)).max(0).values
+                    straggle = (left / last / emitted).clamp(max=1.0)
                 level = float(self.draft_latency.predict(R * w))
                 # a beam's verification is priced at every node it grows (the auto budget
                 # keeps most of them); pricing it as a chain's made beams look ~10 % cheaper
@@ -777,7 +798,7 @@ class Engine:
                 verify_w = verify_s if w == 1 else self.verify_latency.predict(nodes)
                 predicted = first + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
                 seconds = self._spec_time_ratio[i] * predicted[: levels + 1]
-                rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
+                rate = R * emitted * straggle / seconds.clamp(min=1e-9)  # [levels + 1]
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 if w == 1 and not optimistic and self._chain_steps[2] > 0:
@@ -785,6 +806,7 @@ class Engine:
                     # which the model above (one α for every level) does not see; it
                     # predicted 22-24 tok/s where SmolLM2's chains ran at 28-33
                     spec_rate = self._blend_measured_chains(spec_rate, R, first, level)
+                    spec_rate = max(spec_rate * float(straggle[k]), float(rate[k]))
                 # the catch-up pays when plain decoding of what remains takes longer than
                 # speculating on it after catching up; switching (a probe too, on its
                 # optimistic rate) needs the margin on the whole, catch-up included (SmolLM2
@@ -833,22 +855,31 @@ class Engine:
         ``_PAIR_PRIOR_WEIGHT`` trials at ``_PRIOR_ACCEPT``); the batch's rate is the
         requests' mean.
         """
-        pair = float(
+        if not self._active:
+            return self._pair_alpha(i), float(self._accept_trials[i]) + _PAIR_PRIOR_WEIGHT
+        trials = sum(r.trials[i] for r in self._active) / len(self._active)
+        return float(self._alphas(i).mean()), trials + _PRIOR_WEIGHT
+
+    def _pair_alpha(self, i: int) -> float:
+        """The pair's acceptance rate of beam kind ``i`` (a new request's prior)."""
+        return float(
             (self._accept_hits[i] + _PAIR_PRIOR_WEIGHT * _PRIOR_ACCEPT)
             / (self._accept_trials[i] + _PAIR_PRIOR_WEIGHT)
         )
-        if not self._active:
-            return pair, float(self._accept_trials[i]) + _PAIR_PRIOR_WEIGHT
-        rates = [
-            (r.hits[i] + _PRIOR_WEIGHT * pair) / (r.trials[i] + _PRIOR_WEIGHT) for r in self._active
-        ]
-        trials = sum(r.trials[i] for r in self._active) / len(self._active)
-        return sum(rates) / len(rates), trials + _PRIOR_WEIGHT
+
+    def _alphas(self, i: int) -> Tensor:
+        """(R,) float64 each live request's own acceptance rate of beam kind ``i``: its
+        decayed counts on a prior of ``_PRIOR_WEIGHT`` trials at the pair's rate."""
+        pair = self._pair_alpha(i)
+        hits = torch.tensor([r.hits[i] for r in self._active], dtype=torch.float64)
+        trials = torch.tensor([r.trials[i] for r in self._active], dtype=torch.float64)
+        return (hits + _PRIOR_WEIGHT * pair) / (trials + _PRIOR_WEIGHT)
 
     def _plain_rate(self, R: int) -> float:
-        """Predicted tokens per second of a plain step of R requests (as measured at R;
-        until two plain steps were measured, ``_PLAIN_DOUBT`` times the model's)."""
-        ratio = self._plain_time_ratio if self._plain_samples >= 2 else 1 / _PLAIN_DOUBT
+        """Predicted tokens per second of a plain step of R requests, as plain steps were
+        measured (at batch 1 before two were, ``_PLAIN_DOUBT`` times the model's)."""
+        measured = self._plain_samples >= 2 or self._plain_batch > 1
+        ratio = self._plain_time_ratio if measured else 1 / _PLAIN_DOUBT
         seconds = ratio * (float(self.verify_latency.predict(R)) + self._overhead[0])
         return R / max(seconds, 1e-9)
 
@@ -1208,6 +1239,7 @@ class Engine:
                     self._plain_time_ratio, t_end - t_start, predicted, keep=0.7
                 )
             self._plain_samples += 1
+            self._plain_batch = max(self._plain_batch, R)
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start
