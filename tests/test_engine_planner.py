@@ -299,3 +299,24 @@ def test_a_closed_batch_speculates_only_where_its_slowest_request_gains():
 
     assert plan(waiting=True) > 0
     assert plan(waiting=False) == 0
+
+
+def test_the_level_rule_discounts_a_request_the_target_accepts_less_often_than_the_pair():
+    from adaspec.tree import TokenTree
+
+    f = [0.95, 0.9, 0.85, 0.8]  # the draft is confident four levels deep
+    tree = TokenTree([7] * 5, [-1, *range(4)], [0.0, *(torch.tensor(f).log().tolist())])
+    frontier = torch.tensor([[4]])
+
+    def stops(hits: float, to_go: int = 200) -> bool:
+        eng = planned(0.4, max_new_tokens=to_go)
+        eng.calibrator = None
+        eng._accept_trials[0], eng._accept_hits[0] = 1000.0, 900.0  # the pair: 0.9
+        request = eng._active[0]
+        request.trials[0], request.hits[0] = 100.0, hits
+        eng._planned = (0.02, 0.02, 25.0)
+        return eng._level_rule(1, 1)(tree, frontier)
+
+    assert not stops(hits=90.0)  # as the pair: a fifth level pays
+    assert stops(hits=60.0)  # 0.63 a level: (0.63 / 0.9)^4 of the draft's 0.8
+    assert stops(hits=90.0, to_go=4)  # 3 tokens left (one came from the prefill): depth 4 is beyond
