@@ -84,10 +84,12 @@ def test_greedy_equals_target_generate_exactly_in_float64(pair64, config):
         )
 
 
-def test_greedy_gemma3_sliding_window(pair64):
+@pytest.mark.parametrize("share_cache", [None, False])
+def test_greedy_gemma3_sliding_window(share_cache):
     target = tiny_model("gemma3", sliding_window=4, seed=3).double()
     draft = noisy_copy(target, 0.05, seed=4)
-    out = generate(target, draft, PROMPTS[:3], max_new_tokens=14, config=FIXED)
+    config = replace(FIXED, share_cache=share_cache)
+    out = generate(target, draft, PROMPTS[:3], max_new_tokens=14, config=config)
     for prompt, seq in zip(PROMPTS[:3], out.sequences, strict=True):
         assert seq == reference(target, prompt, 14)
 
@@ -307,8 +309,9 @@ def test_abort_and_bad_input(pair64):
         generate(target, draft, [[1], [2]], slo=[0.1])
     with pytest.raises(ValueError, match="single prompt"):
         generate(target, draft, [[1], [2]], streamer=object())
-    with pytest.raises(ValueError, match="share_cache"):
-        EngineConfig(share_cache="yes")  # type: ignore[arg-type]
+    for bad in ("yes", 0, 1.0):
+        with pytest.raises(ValueError, match="share_cache"):
+            EngineConfig(share_cache=bad)  # type: ignore[arg-type]
 
 
 def test_draft_shares_the_target_cache_only_when_its_keys_and_values_match(pair64):

@@ -308,8 +308,8 @@ def test_the_level_rule_discounts_a_request_the_target_accepts_less_often_than_t
     tree = TokenTree([7] * 5, [-1, *range(4)], [0.0, *(torch.tensor(f).log().tolist())])
     frontier = torch.tensor([[4]])
 
-    def stops(hits: float, to_go: int = 200) -> bool:
-        eng = planned(0.4, max_new_tokens=to_go)
+    def stops(hits: float, max_new_tokens: int = 200) -> bool:
+        eng = planned(0.4, max_new_tokens=max_new_tokens)
         eng.calibrator = None
         eng._accept_trials[0], eng._accept_hits[0] = 1000.0, 900.0  # the pair: 0.9
         request = eng._active[0]
@@ -318,5 +318,8 @@ def test_the_level_rule_discounts_a_request_the_target_accepts_less_often_than_t
         return eng._level_rule(1, 1)(tree, frontier)
 
     assert not stops(hits=90.0)  # as the pair: a fifth level pays
-    assert stops(hits=60.0)  # 0.63 a level: (0.63 / 0.9)^4 of the draft's 0.8
-    assert stops(hits=90.0, to_go=4)  # 3 tokens left (one came from the prefill): depth 4 is beyond
+    assert stops(hits=60.0)  # 0.63 a level: (0.63 / 0.9)^5 of the draft's 0.8
+    # one token came from the prefill: 6 left can use a fifth level (5 drafted + a bonus),
+    # 5 left cannot
+    assert not stops(hits=90.0, max_new_tokens=7)
+    assert stops(hits=90.0, max_new_tokens=6)

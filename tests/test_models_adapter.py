@@ -282,8 +282,12 @@ def test_shares_cache_compares_layouts_and_values() -> None:
     assert not shares_cache(llama, tiny_model("llama", num_layers=3, seed=7), tol=None)
     assert not shares_cache(llama, copy.deepcopy(llama).double(), tol=None)  # dtypes differ
     assert not shares_cache(llama, MODELS[("gemma3", "sdpa")], tol=None)  # a sliding window
-    with pytest.raises(ValueError, match="tol"):
-        shares_cache(llama, llama, tol=0.0)
+    for bad in (0.0, True):
+        with pytest.raises(ValueError, match="tol"):
+            shares_cache(llama, llama, tol=bad)
+    short = tiny_model("llama", seed=7)
+    short.config.max_position_embeddings = 16  # the probe fits the model's positions
+    assert shares_cache(short, short)
 
 
 def test_select_keeps_requests() -> None:

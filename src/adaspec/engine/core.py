@@ -224,7 +224,7 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.max_per_request must be >= 1, got {self.max_per_request}"
             )
-        if self.share_cache not in (None, True, False):
+        if self.share_cache is not None and not isinstance(self.share_cache, bool):
             raise ValueError(
                 f"EngineConfig.share_cache must be None, True or False, got {self.share_cache!r}"
             )
@@ -475,7 +475,7 @@ class Engine:
                 raise ValueError(
                     "EngineConfig.share_cache=True needs a draft whose KV cache is laid out "
                     "like the target's (layers, heads, head size, dtype, device, attention "
-                    "windows); this pair's differs"
+                    "windows; both with input embeddings); this pair's differs"
                 )
             return True
         by_draft = _SHARES.setdefault(self.target, weakref.WeakKeyDictionary())
@@ -798,15 +798,16 @@ class Engine:
                 verify_w = verify_s if w == 1 else self.verify_latency.predict(nodes)
                 predicted = first + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
                 seconds = self._spec_time_ratio[i] * predicted[: levels + 1]
-                rate = R * emitted * straggle / seconds.clamp(min=1e-9)  # [levels + 1]
+                mean_rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
+                rate = mean_rate * straggle
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 if w == 1 and not optimistic and self._chain_steps[2] > 0:
                     # what chains really did: their depth follows the draft's confidence,
                     # which the model above (one α for every level) does not see; it
                     # predicted 22-24 tok/s where SmolLM2's chains ran at 28-33
-                    spec_rate = self._blend_measured_chains(spec_rate, R, first, level)
-                    spec_rate = max(spec_rate * float(straggle[k]), float(rate[k]))
+                    blended = self._blend_measured_chains(float(mean_rate[k]), R, first, level)
+                    spec_rate = blended * float(straggle[k])
                 # the catch-up pays when plain decoding of what remains takes longer than
                 # speculating on it after catching up; switching (a probe too, on its
                 # optimistic rate) needs the margin on the whole, catch-up included (SmolLM2
@@ -878,7 +879,7 @@ class Engine:
     def _plain_rate(self, R: int) -> float:
         """Predicted tokens per second of a plain step of R requests, as plain steps were
         measured (at batch 1 before two were, ``_PLAIN_DOUBT`` times the model's)."""
-        measured = self._plain_samples >= 2 or self._plain_batch > 1
+        measured = self._plain_samples >= 2 or (self._plain_batch > 1 and self._plain_samples > 0)
         ratio = self._plain_time_ratio if measured else 1 / _PLAIN_DOUBT
         seconds = ratio * (float(self.verify_latency.predict(R)) + self._overhead[0])
         return R / max(seconds, 1e-9)
@@ -924,9 +925,9 @@ class Engine:
         stretches, short where the draft hesitates.
 
         The calibrated f is the pair's: a request that the target accepts less often than
-        the pair's requests do (its own rate α_i below the pair's α) has its f at depth d
-        lowered by (α_i / α)^d, and a level a request cannot emit (beyond what it has left)
-        adds nothing for it.
+        the pair's requests do (its own rate α_i below the pair's α) has the gain of a level
+        d lowered by (α_i / α)^d, and a level a request cannot emit (beyond what it has
+        left) adds nothing for it.
         """
         assert self._planned is not None
         _, level, long_run = self._planned
@@ -945,9 +946,10 @@ class Engine:
         def stop(tree: TokenTree, frontier: Tensor) -> bool:
             if calibrator is not None:
                 tree = calibrator.apply(tree)
-            depth = tree.depth.gather(1, frontier).cpu()  # [R, F]
-            f = tree.logp.exp().gather(1, frontier).double().cpu() * below.unsqueeze(1) ** depth
-            gain = float(torch.where(depth < to_go.unsqueeze(1), f, 0.0).sum())
+            # the frontier's f bounds what its children, one level deeper, can add
+            child = tree.depth.gather(1, frontier).cpu() + 1  # [R, F]
+            f = tree.logp.exp().gather(1, frontier).double().cpu() * below.unsqueeze(1) ** child
+            gain = float(torch.where(child < to_go.unsqueeze(1), f, 0.0).sum())
             n = min(R * (int(tree.depth.max()) * width + 1), cap)
             more = ratio * (level + float(verify(min(n + R * width, cap))) - float(verify(n)))
             return gain < max(long_run, plain_rate) * more
@@ -1218,7 +1220,8 @@ class Engine:
         return emitted, counts
 
     def _plain_step(self) -> tuple[list[list[int]], list[int]]:
-        """One target forward of the roots alone; the draft catches up at its next step."""
+        """One target forward of the roots alone; a draft with its own cache catches up on
+        them at its next speculative step."""
         assert self._target_state is not None
         R = len(self._active)
         temperature, top_k, top_p, greedy = self._sampling()
@@ -1252,7 +1255,9 @@ class Engine:
                     self._plain_time_ratio, t_end - t_start, predicted, keep=0.7
                 )
             self._plain_samples += 1
-            self._plain_batch = max(self._plain_batch, R)
+        # measured at this batch (a step that timed new kernel plans once counts too: the
+        # next one would time none, and one forced plain step per batch size is enough)
+        self._plain_batch = max(self._plain_batch, R)
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start

@@ -242,7 +242,8 @@ def shares_cache(target: nn.Module, draft: nn.Module, *, tol: float | None = 0.2
     """Whether ``draft`` can grow its trees on ``target``'s KV cache (:func:`share_prefix`).
 
     True when both models lay out their caches alike (layers, heads, head size, dtype,
-    device, attention windows) and, on a probe of 32 tokens, every layer's keys and values
+    device, attention windows) and, on a probe of 32 tokens (fewer where a model has fewer
+    positions), every layer's keys and values
     of the draft lie within ``tol`` relative error (Frobenius norm) of the target's. Drafts
     quantized from the target's weights pass (the shipped pairs: at most 0.02 for SmolLM2's
     int4 draft, 0.06 for Gemma's int8 one); a model trained apart has errors near 1.
@@ -255,15 +256,22 @@ def shares_cache(target: nn.Module, draft: nn.Module, *, tol: float | None = 0.2
     ...     tiny_model(seed=0), tiny_model(seed=1))
     (True, False)
     """
-    if tol is not None and (not isinstance(tol, (int, float)) or not 0 < tol < float("inf")):
+    if tol is not None and (
+        isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < float("inf")
+    ):
         raise ValueError(f"tol must be a finite number > 0 or None, got {tol!r}")
-    if _attention_config(target) != _attention_config(draft):
+    target_attention, draft_attention = _attention_config(target), _attention_config(draft)
+    if target_attention[:2] != draft_attention[:2]:  # sliding window and layer types
         return False
     vocab = [_vocab_size(m) for m in (target, draft)]
     if None in vocab:
         return False
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randint(0, min(v for v in vocab if v is not None), (1, 32), generator=generator)
+    # 32 tokens, or as many as both models have positions for
+    length = min(32, *(m for m in (target_attention[2], draft_attention[2]) if m is not None))
+    probe = torch.randint(
+        0, min(v for v in vocab if v is not None), (1, length), generator=generator
+    )
     target_state, _ = prefill(target, probe)
     draft_state, _ = prefill(draft, probe)
     layers = _layers(target_state), _layers(draft_state)
