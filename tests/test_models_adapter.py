@@ -286,7 +286,8 @@ def test_shares_cache_compares_layouts_and_values() -> None:
         with pytest.raises(ValueError, match="tol"):
             shares_cache(llama, llama, tol=bad)
     short = tiny_model("llama", seed=7)
-    short.config.max_position_embeddings = 16  # the probe fits the model's positions
+    config: Any = short.config
+    config.max_position_embeddings = 16  # the probe fits the model's positions
     assert shares_cache(short, short)
 
 
