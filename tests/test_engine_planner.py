@@ -323,3 +323,14 @@ def test_the_level_rule_discounts_a_request_the_target_accepts_less_often_than_t
     # 5 left cannot
     assert not stops(hits=90.0, max_new_tokens=7)
     assert stops(hits=90.0, max_new_tokens=6)
+
+
+def test_probes_back_off_only_after_probes_that_did_not_pay():
+    eng = planned(1.0)  # a draft as slow as the target: plain decoding wins
+    eng._probe_every, eng._plain_streak = _PROBE_EVERY, 0
+    eng.stats.steps = 5  # the last step speculated as planned, and no longer pays
+    assert eng._plan_shape(1, 4, 1) == (0, 1)
+    assert eng._probe_every == _PROBE_EVERY
+    eng._probed = True  # ... or was a probe: probe half as often
+    assert eng._plan_shape(1, 4, 1) == (0, 1)
+    assert eng._probe_every == 2 * _PROBE_EVERY

@@ -456,6 +456,7 @@ class Engine:
         # steps among them do not end the run)
         self._spec_streak = 0
         self._probe_every = _FIRST_PROBE
+        self._probed = False  # the last speculative step was a probe
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
@@ -831,7 +832,7 @@ class Engine:
 
         k, w = best(False, sorted({1, width}))
         if k > 0:
-            self._probe_every = _PROBE_EVERY
+            self._probe_every, self._probed = _PROBE_EVERY, False
             if self._spec_streak > _PROBE_EVERY:
                 # a plain step now and then re-measures what plain decoding costs: its
                 # prediction otherwise drifts with the shared model, fed by trees alone
@@ -840,12 +841,16 @@ class Engine:
             # a chain grows as long as the draft stays confident (see _level_rule)
             return (chain if w == 1 else k), w
         self._spec_streak = 0
-        if self._plain_streak == 0 and self.stats.steps > 0:
-            # the last step speculated and no longer pays: probe half as often from now on
+        if self._plain_streak == 0 and self._probed:
+            # the last step was a probe and speculation still does not pay: probe half as
+            # often from now on (after planned speculation, the next probe comes after
+            # _PROBE_EVERY plain steps)
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
         if self._plain_streak >= self._probe_every:
             # re-probe with a chain, where the acceptance rate's upper bound could pay
-            return best(True, [1])
+            k, w = best(True, [1])
+            self._probed = k > 0
+            return k, w
         return 0, width
 
     def _alpha(self, i: int) -> tuple[float, float]:
