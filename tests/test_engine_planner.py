@@ -274,10 +274,14 @@ def test_a_larger_batch_measures_a_plain_step_before_it_speculates():
         eng.add_request([5, 6, 7], max_new_tokens=200)
     eng._admit()
     assert eng._plan_shape(4, 4, 1) == (0, 1)  # the latency models rest on batch 1
-    eng._plain_step()  # measured at 4 (and so for every smaller batch)
+    eng._plain_step()  # measured at 4: good for every batch below 8
     assert eng._plain_batch == 4
     assert eng._plan_shape(4, 4, 1)[0] > 0
     assert eng._plan_shape(3, 4, 1)[0] > 0
+    for _ in range(4):
+        eng.add_request([5, 6, 7], max_new_tokens=200)
+    eng._admit()
+    assert eng._plan_shape(8, 4, 1) == (0, 1)
 
 
 def test_a_closed_batch_speculates_only_where_its_slowest_request_gains():

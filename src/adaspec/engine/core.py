@@ -700,7 +700,7 @@ class Engine:
         its longest (``_CHAIN_DEPTHS`` x ``depth``, within the step's token bound and the
         per-request cap): :meth:`_level_rule` ends it where the draft's confidence no
         longer pays (a probe keeps the depth its optimistic rate was best at).
-        At a batch larger than any a plain step was measured at, the first step is plain
+        At a batch at least twice any a plain step was measured at, the first step is plain
         (it measures what plain decoding costs there); at batch 1, until two plain steps
         were measured, plain decoding is priced ``_PLAIN_DOUBT`` times faster than
         predicted: speculation starts at once only where it wins even so;
@@ -726,10 +726,11 @@ class Engine:
         left = max(to_go)
         if left <= 1:
             return 0, width
-        if self._plain_batch < R:
+        if 2 * self._plain_batch <= R:
             # the latency models rest on other batch sizes (the warm-up's one request): at
             # Gemma's batch 4 they priced a plain step 1.4x slower than it ran, and the plan
-            # speculated at a 6 % loss. One plain step measures it (and loses nothing)
+            # speculated at a 6 % loss. One plain step measures it (and loses nothing);
+            # a batch growing request by request pays one per doubling
             self._planned = None
             return 0, width
         cap = min(cap, left)
