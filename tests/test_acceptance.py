@@ -224,6 +224,42 @@ def test_fewer_nonzero_extensions_than_width_are_dropped():
     assert grown[:, 1].tolist() == [1, 1]
 
 
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(1, 4),
+    st.sampled_from([0.0, 0.7, 1.0]),
+    st.sampled_from([None, 2, 5]),
+    st.sampled_from([None, 0.8]),
+)
+def test_expand_over_a_vocabulary_subset_equals_minus_inf_elsewhere(
+    seed, width, temperature, top_k, top_p
+):
+    # a draft scoring K of V tokens: its K columns + vocab == its V logits with -inf around
+    g = torch.Generator().manual_seed(seed)
+    V = 12
+    vocab = torch.randperm(V, generator=g)[:7].sort().values
+    scores = torch.randn(2, 3, 7, generator=g) * 2
+    full = torch.full((2, 3, V), float("-inf")).index_copy(-1, vocab, scores)
+    frontier = torch.randn(2, 3, generator=g) - 1
+    want = expand(frontier, full, width, temperature, top_k, top_p)
+    got = expand(frontier, scores, width, temperature, top_k, top_p, vocab=vocab)
+    torch.testing.assert_close(got.logp, want.logp, atol=1e-5, rtol=0)
+    real = want.logp > float("-inf")  # f = 0 slots hold arbitrary tokens (dropped later)
+    assert torch.equal(got.parent[real], want.parent[real])
+    assert torch.equal(got.tokens[real], want.tokens[real])
+
+
+def test_a_bad_vocabulary_subset_is_named():
+    fl, lg = torch.zeros(1, 1), torch.randn(1, 1, 3)
+    with pytest.raises(TypeError, match="vocab"):
+        expand(fl, lg, 2, vocab=torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="vocab must name one token per logit column"):
+        expand(fl, lg, 2, vocab=torch.tensor([0, 1]))
+    grower = TreeGrower(torch.tensor([0]), 2, vocab=torch.tensor([3, 5]))
+    with pytest.raises(ValueError, match="vocab"):
+        grower.expand(lg)
+
+
 def test_expand_and_extension_shapes():
     fl = torch.tensor([[0.0, -1.0]])
     lg = torch.randn(1, 2, 5)

@@ -25,6 +25,7 @@ from adaspec.models import (
     tiny_model,
     tree_forward,
 )
+from adaspec.models.vocab import SubsetHead
 from adaspec.tree import SubTree, TokenTree, build_optimal, path_to
 from tests.models_oracles import (
     cache_layers,
@@ -204,6 +205,28 @@ def plain_beam(
         )
 
     return grow_tree(roots, logits_fn, depth, width)
+
+
+@pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])
+def test_draft_with_a_vocabulary_subset_grows_the_tree_of_its_full_logits(
+    key: tuple[str, str],
+) -> None:
+    """grow_draft_tree ranks a SubsetHead draft over its K columns (scores_only): the same
+    tree as a beam over the draft's plain (V-wide, -inf elsewhere) logits."""
+    model = copy.deepcopy(MODELS[key])
+    vocab = torch.arange(1, VOCAB, 3)
+    model.set_output_embeddings(SubsetHead(model.get_output_embeddings(), vocab))  # type: ignore[operator]
+    gen = torch.Generator().manual_seed(4)
+    seqs = prompts_of(gen, [3, 9, 6])
+    state, logits = prefill(model, seqs)
+    assert logits.shape[-1] == VOCAB  # outside grow_draft_tree: the usual V logits
+    roots = logits.argmax(-1)
+    out = grow_draft_tree(model, state, roots, depth=3, width=2)
+    ref = plain_beam(model, seqs, roots, 3, 2)
+    assert torch.equal(out.candidates.tokens, ref.tree.tokens)
+    assert torch.equal(out.candidates.parents, ref.tree.parents)
+    torch.testing.assert_close(out.candidates.logp, ref.tree.logp, atol=1e-4, rtol=0)
+    assert bool(torch.isin(out.candidates.tokens[:, 1:], vocab).all())
 
 
 @pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])

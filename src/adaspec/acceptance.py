@@ -232,16 +232,24 @@ def expand(
     temperature: Param = 0.0,
     top_k: Param = None,
     top_p: Param = None,
+    *,
+    vocab: Tensor | None = None,
 ) -> Expansion:
     """One beam step: the ``width`` best extensions of the frontier by path probability.
 
     Shapes as in :func:`extension_logprobs`. Extensions compete across the whole frontier of
     a request (the AdaServe / EAGLE-2 beam): a likely node may keep several children while
     an unlikely one keeps none.
+
+    ``vocab``: optional (K,) int64 token id of each of the K logit columns, for a draft that
+    scores only part of the vocabulary (:class:`~adaspec.models.vocab.SubsetHead`): the
+    result is what the full-vocabulary logits with -inf elsewhere give, without the work
+    over the tokens the draft can never propose. Default: column v is token v.
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an int >= 1, got {width!r}")
     _check_frontier(frontier_logp, draft_logits)
+    _check_vocab(vocab, draft_logits)
     x = process_logits(draft_logits, _estimate_temperature(temperature), top_k, top_p)  # [R, F, V]
     R, F, V = x.shape
     w = min(width, V)
@@ -250,7 +258,22 @@ def expand(
     top_x, top_tok = x.topk(w, dim=-1)  # [R, F, w]
     ext = frontier_logp.float().unsqueeze(-1) + (top_x - x.logsumexp(-1, keepdim=True))  # [R, F, w]
     logp, flat = ext.reshape(R, F * w).topk(min(width, F * w), dim=-1)  # [R, W]
-    return Expansion(parent=flat // w, tokens=top_tok.reshape(R, F * w).gather(1, flat), logp=logp)
+    tokens = top_tok.reshape(R, F * w).gather(1, flat)  # [R, W] logit columns
+    if vocab is not None:
+        tokens = vocab.to(tokens.device)[tokens]
+    return Expansion(parent=flat // w, tokens=tokens, logp=logp)
+
+
+def _check_vocab(vocab: Tensor | None, draft_logits: Tensor) -> None:
+    if vocab is None:
+        return
+    if not isinstance(vocab, Tensor) or vocab.dtype != torch.int64 or vocab.dim() != 1:
+        raise TypeError(f"vocab must be a 1-D int64 tensor of token ids, got {vocab!r:.80}")
+    if vocab.shape[0] != draft_logits.shape[-1]:
+        raise ValueError(
+            f"vocab must name one token per logit column ({draft_logits.shape[-1]}), "
+            f"got {vocab.shape[0]}"
+        )
 
 
 class TreeGrower:
@@ -279,6 +302,7 @@ class TreeGrower:
         temperature: Param = 0.0,
         top_k: Param = None,
         top_p: Param = None,
+        vocab: Tensor | None = None,
     ) -> None:
         if root_tokens.dim() != 1 or root_tokens.dtype != torch.int64 or root_tokens.numel() == 0:
             raise ValueError(
@@ -290,6 +314,8 @@ class TreeGrower:
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
+        self.vocab = vocab
+        """(K,) int64 token id of each logit column :meth:`expand` takes, or None (all V)."""
         R = root_tokens.shape[0]
         dev = root_tokens.device
         self._tokens = [root_tokens.unsqueeze(1)]
@@ -319,7 +345,13 @@ class TreeGrower:
     def expand(self, draft_logits: Tensor) -> Tensor:
         """Append the best ``width`` extensions; returns their (R, W) node indices."""
         e = expand(
-            self.frontier_logp, draft_logits, self.width, self.temperature, self.top_k, self.top_p
+            self.frontier_logp,
+            draft_logits,
+            self.width,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            vocab=self.vocab,
         )
         W = e.tokens.shape[1]
         self._depth.append(torch.full_like(e.tokens, self.depth + 1))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -35,9 +36,11 @@ from adaspec.models.adapter import (
     _extend,
     _forward_block,
     _layers,
+    _output_head,
     commit,
     prefill,
 )
+from adaspec.models.vocab import SubsetHead
 from adaspec.tree import TokenTree, ancestor_mask
 
 __all__ = [
@@ -153,8 +156,32 @@ def grow_draft_tree(
         raise TypeError(f"stop must be a callable or None, got {type(stop).__name__}")
     dev = state.lens.device
     root_tokens = root_tokens.to(device=dev, dtype=torch.int64)
-    grower = TreeGrower(root_tokens, width, temperature=temperature, top_k=top_k, top_p=top_p)
+    # a draft that proposes only part of the vocabulary is ranked over that part alone
+    head = _output_head(draft)
+    scope: AbstractContextManager[Tensor | None] = (
+        head.scores_only() if isinstance(head, SubsetHead) else nullcontext(None)
+    )
+    with scope as vocab:
+        grower = TreeGrower(
+            root_tokens, width, temperature=temperature, top_k=top_k, top_p=top_p, vocab=vocab
+        )
+        _grow(draft, state, grower, root_tokens, depth, min_gain, stop)
+    cand = grower.candidates()
+    return DraftTree(cand.tree, cand.kept, grower.tree())
 
+
+def _grow(
+    draft: nn.Module,
+    state: KVState,
+    grower: TreeGrower,
+    root_tokens: Tensor,
+    depth: int,
+    min_gain: float,
+    stop: Callable[[TokenTree, Tensor], bool] | None,
+) -> None:
+    """The draft forwards of :func:`grow_draft_tree`: the root (with any backlog), then
+    each further level's frontier, until ``depth`` levels or ``min_gain`` / ``stop``."""
+    dev = state.lens.device
     # backlog + root as one right-padded chain per request  # [R, B + 1]
     backlog = state.backlog
     counts = (backlog >= 0).sum(1) + 1
@@ -180,8 +207,6 @@ def grow_draft_tree(
         )  # [R, W, n]
         positions = state.lens.unsqueeze(1) + tree.depth.gather(1, frontier)
         grower.expand(_forward_block(draft, state, grower.frontier_tokens, positions, visible))
-    cand = grower.candidates()
-    return DraftTree(cand.tree, cand.kept, grower.tree())
 
 
 def commit_draft(state: KVState, draft_tree: DraftTree, accepted: Tensor) -> Tensor:

