@@ -338,3 +338,17 @@ def test_probes_back_off_only_after_probes_that_did_not_pay():
     eng._probed = True  # ... or was a probe: probe half as often
     assert eng._plan_shape(1, 4, 1) == (0, 1)
     assert eng._probe_every == 2 * _PROBE_EVERY
+
+
+def test_only_an_engine_with_a_draft_cache_of_its_own_prices_catch_ups():
+    target, draft = tiny_model(seed=0), tiny_model(seed=1)
+    shared = Engine(target, draft, config=EngineConfig(share_cache=True))
+    assert shared._draft_state_kept() is False
+    assert shared._draft_prefill_per_token == 0.0  # it never catches up: nothing timed
+    plain = Engine(target, draft, config=EngineConfig(depth=0))
+    plain.add_request([1, 2, 3], max_new_tokens=3)
+    while plain.has_unfinished():
+        plain.step()
+        assert plain._draft_state is None  # depth 0 never drafts: no draft cache
+    own = Engine(target, draft, config=EngineConfig(share_cache=False))
+    assert own._draft_prefill_per_token > 0.0  # the shared engines' profile had no price

@@ -460,11 +460,22 @@ class Engine:
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
-            if profile is None or profile.setting != self._setting():
+            # (a profile left by an engine whose draft shared the target's cache has no
+            # catch-up price, which an engine with a draft cache of its own needs)
+            unpriced = profile is not None and profile.draft_prefill_per_token == 0.0
+            if (
+                profile is None
+                or profile.setting != self._setting()
+                or (unpriced and self._draft_state_kept())
+            ):
                 self._warmup()
                 self._save_profile()
             else:
                 self._load_profile(profile)
+
+    def _draft_state_kept(self) -> bool:
+        """Whether this engine keeps a draft cache of its own (and pays catch-ups)."""
+        return not self._share_cache and self.config.depth > 0
 
     def _decide_sharing(self) -> bool:
         """Whether the draft grows its trees on the target's cache (config.share_cache)."""
@@ -622,7 +633,7 @@ class Engine:
             start += len(group)
         assert joined is not None
         self._target_state = concat_states(self._target_state, joined)
-        if not self._share_cache:
+        if self._draft_state_kept():
             self._draft_state = concat_states(
                 self._draft_state,
                 deferred_state([[*p, t] for p, t in zip(prompts, first, strict=True)], self.device),
@@ -968,7 +979,8 @@ class Engine:
         draft_prefill = 0.0
         for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
             state, _ = prefill(model, [[0] * 128])  # a typical context length
-            if model is self.draft:
+            if model is self.draft and self._draft_state_kept():
+                # (a draft on the target's cache never catches up: no price to measure)
                 # timed the second time (a model's first forward in a process runs cold);
                 # the target's prefill per token scaled by the draft's cost ratio in
                 # decoding priced Gemma's catch-up at half what it took
