@@ -227,18 +227,27 @@ def test_fewer_nonzero_extensions_than_width_are_dropped():
 @given(
     st.integers(0, 2**31 - 1),
     st.integers(1, 4),
-    st.sampled_from([0.0, 0.7, 1.0]),
-    st.sampled_from([None, 2, 5]),
-    st.sampled_from([None, 0.8]),
+    st.sampled_from([0.7, 1.0, "per-request"]),
+    st.sampled_from([None, 2, 5, 9, "per-request"]),  # 9: between K = 7 and V = 12
+    st.sampled_from([None, 0.8, "per-request"]),
+    st.booleans(),
 )
 def test_expand_over_a_vocabulary_subset_equals_minus_inf_elsewhere(
-    seed, width, temperature, top_k, top_p
+    seed, width, temperature, top_k, top_p, ties
 ):
     # a draft scoring K of V tokens: its K columns + vocab == its V logits with -inf around
     g = torch.Generator().manual_seed(seed)
     V = 12
     vocab = torch.randperm(V, generator=g)[:7].sort().values
     scores = torch.randn(2, 3, 7, generator=g) * 2
+    if ties:  # whole numbers: many exactly equal scores
+        scores = scores.round()
+    if temperature == "per-request":
+        temperature = torch.tensor([0.5, 1.3])
+    if top_k == "per-request":
+        top_k = torch.tensor([3, 0])  # (0: no top-k for that request)
+    if top_p == "per-request":
+        top_p = torch.tensor([0.6, 1.0])
     full = torch.full((2, 3, V), float("-inf")).index_copy(-1, vocab, scores)
     frontier = torch.randn(2, 3, generator=g) - 1
     want = expand(frontier, full, width, temperature, top_k, top_p)
@@ -246,7 +255,15 @@ def test_expand_over_a_vocabulary_subset_equals_minus_inf_elsewhere(
     torch.testing.assert_close(got.logp, want.logp, atol=1e-5, rtol=0)
     real = want.logp > float("-inf")  # f = 0 slots hold arbitrary tokens (dropped later)
     assert torch.equal(got.parent[real], want.parent[real])
-    assert torch.equal(got.tokens[real], want.tokens[real])
+    if not ties:
+        assert torch.equal(got.tokens[real], want.tokens[real])
+    # exact ties may rank in another order: then an equally scored token of the same parent
+    rows = torch.arange(2).unsqueeze(1).expand_as(got.parent)
+    at = full[rows, got.parent]  # [2, W, V] the parent's logits
+    assert bool(torch.isin(got.tokens[real], vocab).all())
+    assert torch.equal(
+        at.gather(2, got.tokens.unsqueeze(2))[real], at.gather(2, want.tokens.unsqueeze(2))[real]
+    )
 
 
 def test_a_bad_vocabulary_subset_is_named():
@@ -258,6 +275,9 @@ def test_a_bad_vocabulary_subset_is_named():
     grower = TreeGrower(torch.tensor([0]), 2, vocab=torch.tensor([3, 5]))
     with pytest.raises(ValueError, match="vocab"):
         grower.expand(lg)
+    for bad in (torch.tensor([5, 3]), torch.tensor([3, 3]), torch.tensor([-1, 2])):
+        with pytest.raises(ValueError, match="sorted unique token ids"):
+            TreeGrower(torch.tensor([0]), 2, vocab=bad)
 
 
 def test_expand_and_extension_shapes():

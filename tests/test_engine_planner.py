@@ -344,11 +344,24 @@ def test_only_an_engine_with_a_draft_cache_of_its_own_prices_catch_ups():
     target, draft = tiny_model(seed=0), tiny_model(seed=1)
     shared = Engine(target, draft, config=EngineConfig(share_cache=True))
     assert shared._draft_state_kept() is False
-    assert shared._draft_prefill_per_token == 0.0  # it never catches up: nothing timed
+    assert shared._draft_prefill_per_token is None  # it never catches up: nothing timed
+    shared.add_request([1, 2, 3], max_new_tokens=8)
+    while shared.has_unfinished():
+        shared.step()
+    learned = shared._accept_trials.clone()
+    assert float(learned.sum()) > 0
     plain = Engine(target, draft, config=EngineConfig(depth=0))
     plain.add_request([1, 2, 3], max_new_tokens=3)
     while plain.has_unfinished():
         plain.step()
         assert plain._draft_state is None  # depth 0 never drafts: no draft cache
-    own = Engine(target, draft, config=EngineConfig(share_cache=False))
-    assert own._draft_prefill_per_token > 0.0  # the shared engines' profile had no price
+    calls = [0]
+    handle = target.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        own = Engine(target, draft, config=EngineConfig(share_cache=False))
+    finally:
+        handle.remove()
+    # the pair's profile, plus the catch-up price it lacked (the draft's prefill alone)
+    assert own._draft_prefill_per_token is not None
+    assert calls[0] == 0
+    assert own._accept_trials.tolist() == learned.tolist()

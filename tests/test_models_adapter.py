@@ -213,20 +213,42 @@ def test_draft_with_a_vocabulary_subset_grows_the_tree_of_its_full_logits(
 ) -> None:
     """grow_draft_tree ranks a SubsetHead draft over its K columns (scores_only): the same
     tree as a beam over the draft's plain (V-wide, -inf elsewhere) logits."""
-    model = copy.deepcopy(MODELS[key])
+    model: Any = copy.deepcopy(MODELS[key])
     vocab = torch.arange(1, VOCAB, 3)
-    model.set_output_embeddings(SubsetHead(model.get_output_embeddings(), vocab))  # type: ignore[operator]
+    model.set_output_embeddings(SubsetHead(model.get_output_embeddings(), vocab))
     gen = torch.Generator().manual_seed(4)
     seqs = prompts_of(gen, [3, 9, 6])
     state, logits = prefill(model, seqs)
     assert logits.shape[-1] == VOCAB  # outside grow_draft_tree: the usual V logits
     roots = logits.argmax(-1)
-    out = grow_draft_tree(model, state, roots, depth=3, width=2)
+    widths: list[int] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _a, out: widths.append(out.shape[-1]))
+    try:
+        out = grow_draft_tree(model, state, roots, depth=3, width=2)
+    finally:
+        handle.remove()
+    assert widths == [vocab.numel()] * 3  # every level scored its K columns alone
     ref = plain_beam(model, seqs, roots, 3, 2)
     assert torch.equal(out.candidates.tokens, ref.tree.tokens)
     assert torch.equal(out.candidates.parents, ref.tree.parents)
     torch.testing.assert_close(out.candidates.logp, ref.tree.logp, atol=1e-4, rtol=0)
     assert bool(torch.isin(out.candidates.tokens[:, 1:], vocab).all())
+    # a model whose forward bypasses its output module returns V logits even so: the
+    # tree is grown over them (the same tree)
+    state, _ = prefill(model, seqs)
+    forward = type(model).forward
+
+    def bypass(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = forward(self, *args, **kwargs)
+        if out.logits.shape[-1] != VOCAB:  # what the full head would have returned
+            full = torch.full((*out.logits.shape[:-1], VOCAB), float("-inf"))
+            out.logits = full.index_copy(-1, vocab, out.logits)
+        return out
+
+    model.forward = bypass.__get__(model)
+    out = grow_draft_tree(model, state, roots, depth=3, width=2)
+    assert torch.equal(out.candidates.tokens, ref.tree.tokens)
 
 
 @pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])

@@ -241,10 +241,11 @@ def expand(
     a request (the AdaServe / EAGLE-2 beam): a likely node may keep several children while
     an unlikely one keeps none.
 
-    ``vocab``: optional (K,) int64 token id of each of the K logit columns, for a draft that
-    scores only part of the vocabulary (:class:`~adaspec.models.vocab.SubsetHead`): the
-    result is what the full-vocabulary logits with -inf elsewhere give, without the work
-    over the tokens the draft can never propose. Default: column v is token v.
+    ``vocab``: optional (K,) int64 sorted token id of each of the K logit columns, for a
+    draft that scores only part of the vocabulary (:class:`~adaspec.models.vocab.SubsetHead`):
+    the result is what the full-vocabulary logits with -inf elsewhere give (up to rounding
+    and the order of exact ties), without the work over the tokens the draft can never
+    propose. Default: column v is token v.
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an int >= 1, got {width!r}")
@@ -264,11 +265,20 @@ def expand(
     return Expansion(parent=flat // w, tokens=tokens, logp=logp)
 
 
-def _check_vocab(vocab: Tensor | None, draft_logits: Tensor) -> None:
+def _check_vocab_ids(vocab: Tensor | None) -> None:
     if vocab is None:
         return
     if not isinstance(vocab, Tensor) or vocab.dtype != torch.int64 or vocab.dim() != 1:
         raise TypeError(f"vocab must be a 1-D int64 tensor of token ids, got {vocab!r:.80}")
+    # sorted: ties among columns then rank as among the token ids (top-p, top-k)
+    if vocab.numel() == 0 or bool((vocab < 0).any()) or bool((vocab.diff() <= 0).any()):
+        raise ValueError("vocab must hold sorted unique token ids >= 0 (at least one)")
+
+
+def _check_vocab(vocab: Tensor | None, draft_logits: Tensor) -> None:
+    if vocab is None:
+        return
+    _check_vocab_ids(vocab)
     if vocab.shape[0] != draft_logits.shape[-1]:
         raise ValueError(
             f"vocab must name one token per logit column ({draft_logits.shape[-1]}), "
@@ -280,7 +290,7 @@ class TreeGrower:
     """Grows a batch of candidate trees one depth at a time with any draft model.
 
     The tree starts as the R roots. Each :meth:`expand` call takes the draft's logits at the
-    current frontier (R, F, V) and appends the ``width`` best extensions per request as the
+    current frontier (R, F, V), or (R, F, K) over the sorted token ids ``vocab``, and appends the ``width`` best extensions per request as the
     new frontier. The growing tree (``tree``) keeps every appended node, including the rare
     ones with f = 0 (when fewer than ``width`` extensions have nonzero probability), so its
     node indices stay stable for the caller's KV cache; :meth:`candidates` drops those.
@@ -314,6 +324,7 @@ class TreeGrower:
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
+        _check_vocab_ids(vocab)
         self.vocab = vocab
         """(K,) int64 token id of each logit column :meth:`expand` takes, or None (all V)."""
         R = root_tokens.shape[0]

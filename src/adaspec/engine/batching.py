@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from adaspec.models import KVState
 from adaspec.models.adapter import _crop, _extend, _layers
+from adaspec.models.vocab import subset_scores
 
 __all__ = [
     "append_backlog",
@@ -142,5 +143,6 @@ def catch_up(model: nn.Module, state: KVState) -> None:
     if state.backlog.shape[1] == 0 or not bool((state.backlog >= 0).any()):
         return
     counts = (state.backlog >= 0).sum(1)  # [R] some rows may have nothing to forward
-    _extend(model, state, state.backlog.clamp(min=0), counts, keep_last=False)
+    with subset_scores(model):  # (only the keys and values are kept)
+        _extend(model, state, state.backlog.clamp(min=0), counts, keep_last=False)
     state.backlog = state.backlog[:, :0]

@@ -21,6 +21,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +50,7 @@ from adaspec.models import (
     tree_forward,
 )
 from adaspec.models.fast import tunings
+from adaspec.models.vocab import subset_scores
 from adaspec.select import select, tokens_needed
 from adaspec.tree import TokenTree
 from adaspec.verify import SpecStats, VerifyResult, sample_children, verify
@@ -123,7 +125,7 @@ class _Profile:
 
     verify_latency: LatencyModel
     draft_latency: LatencyModel
-    draft_prefill_per_token: float
+    draft_prefill_per_token: float | None
     prefill_per_token: float
     catch_up_per_token: float
     accept_trials: Tensor
@@ -436,7 +438,9 @@ class Engine:
         # (the one-off price of speculating after plain steps); 0 until measured
         self._prefill_per_token = 0.0
         self._catch_up_per_token = 0.0
-        self._draft_prefill_per_token = 0.0  # the warm-up's, until a catch-up is measured
+        # the warm-up's, until a catch-up is measured (None: not timed, a draft on the
+        # target's cache never catches up)
+        self._draft_prefill_per_token: float | None = None
         # measured / predicted seconds of speculative steps, and the predicted seconds of the
         # current plan's first and further draft levels
         self._spec_time_ratio = [_SPEC_TIME_PRIOR, _SPEC_TIME_PRIOR]  # chains, beams
@@ -460,18 +464,15 @@ class Engine:
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
-            # (a profile left by an engine whose draft shared the target's cache has no
-            # catch-up price, which an engine with a draft cache of its own needs)
-            unpriced = profile is not None and profile.draft_prefill_per_token == 0.0
-            if (
-                profile is None
-                or profile.setting != self._setting()
-                or (unpriced and self._draft_state_kept())
-            ):
+            if profile is None or profile.setting != self._setting():
                 self._warmup()
                 self._save_profile()
             else:
                 self._load_profile(profile)
+                # engines whose draft shared the target's cache left no catch-up price
+                unpriced = self._draft_prefill_per_token is None and not self._catch_up_per_token
+                if unpriced and self._draft_state_kept():
+                    self._price_draft_prefill()
 
     def _draft_state_kept(self) -> bool:
         """Whether this engine keeps a draft cache of its own (and pays catch-ups)."""
@@ -760,7 +761,7 @@ class Engine:
             # one draft forward's fixed cost, and per (padded) token what the last catch-ups
             # took beyond it, else the warm-up's draft prefill (a flat rate per token, from
             # a 55-token catch-up, priced SmolLM2's 150-token prompts 25 % high)
-            per_token = self._catch_up_per_token or self._draft_prefill_per_token
+            per_token = self._catch_up_per_token or self._draft_prefill_per_token or 0.0
             if per_token == 0.0:  # neither (no warm-up): the target's prefill, scaled by
                 # the draft's cost relative to the target's at the largest observed size
                 n = 32 * R
@@ -975,33 +976,39 @@ class Engine:
 
     def _warmup(self) -> None:
         """Seed both latency models with a few timed forwards on a short dummy prefix, and
-        the draft's catch-up price with its prefill of that prefix."""
-        draft_prefill = 0.0
+        (for a draft with a cache of its own) the draft's catch-up price."""
         for model, lat in ((self.target, self.verify_latency), (self.draft, self.draft_latency)):
             state, _ = prefill(model, [[0] * 128])  # a typical context length
-            if model is self.draft and self._draft_state_kept():
-                # (a draft on the target's cache never catches up: no price to measure)
+            # (a draft's levels run as grow_draft_tree runs them: scores of its own columns)
+            with subset_scores(model) if model is self.draft else nullcontext():
+                for n in (*range(1, 9), 16, 32):
+                    tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
+                    times = []
+                    for run in range(3):  # the first run warms up (and tunes FastLinears)
+                        t0, tuned = time.perf_counter(), tunings()
+                        tree_forward(model, tree, state)
+                        if run > 0 and tunings() == tuned:
+                            times.append(time.perf_counter() - t0)
+                        commit(state, torch.full((1, 1), -1, dtype=torch.int64))
+                        drop_last_token(state)
+                    if times:
+                        lat.observe(n, min(times))  # the quicker of two: less noise
+        if self._draft_state_kept():
+            self._price_draft_prefill()
+
+    def _price_draft_prefill(self) -> None:
+        """The draft's catch-up price until one is measured: its prefill of a 128-token
+        prefix per token, beyond one forward's fixed cost (as catch-ups are priced)."""
+        with subset_scores(self.draft):  # (a catch-up keeps only keys and values)
+            for _ in range(2):
                 # timed the second time (a model's first forward in a process runs cold);
                 # the target's prefill per token scaled by the draft's cost ratio in
                 # decoding priced Gemma's catch-up at half what it took
                 t0 = time.perf_counter()
-                state, _ = prefill(model, [[0] * 128])
-                draft_prefill = time.perf_counter() - t0
-            for n in (*range(1, 9), 16, 32):
-                tree = TokenTree([0] * n, [-1, *list(range(n - 1))], [0.0] * n)
-                times = []
-                for run in range(3):  # the first run warms up (and tunes FastLinears)
-                    t0, tuned = time.perf_counter(), tunings()
-                    tree_forward(model, tree, state)
-                    if run > 0 and tunings() == tuned:
-                        times.append(time.perf_counter() - t0)
-                    commit(state, torch.full((1, 1), -1, dtype=torch.int64))
-                    drop_last_token(state)
-                if times:
-                    lat.observe(n, min(times))  # the quicker of two: less noise from neighbours
-        # the prefill per token beyond one forward's fixed cost (as catch-ups are priced)
+                prefill(self.draft, [[0] * 128])
+                seconds = time.perf_counter() - t0
         fixed = float(self.draft_latency.predict(1)) if self.draft_latency.observed else 0.0
-        self._draft_prefill_per_token = max(draft_prefill - fixed, 0.0) / 128
+        self._draft_prefill_per_token = max(seconds - fixed, 0.0) / 128
 
     def _setting(self) -> tuple[object, ...]:
         """What latencies depend on besides the models: their devices, dtypes, threads."""

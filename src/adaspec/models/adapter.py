@@ -143,7 +143,8 @@ def _forward_block(
     visible). Returns logits (R, Q, V) float32, or (R, K, V) at the K query indices
     ``logits_at`` (1-D int64) only, which skips most of a large vocabulary's projection,
     or (R, 1, V) at each request's own query index ``row_last`` ((R,) int64): only R rows are
-    projected, however different the requests' lengths.
+    projected, however different the requests' lengths (V: the output module's width, K
+    for a :class:`~adaspec.models.vocab.SubsetHead` in ``scores_only`` mode).
     Afterwards the new nodes are pending nodes
     ``pending .. pending + Q - 1`` in the layout of the module docstring.
     """
@@ -303,7 +304,8 @@ def _extend(
     """Append per-request chains of tokens after each prefix; logits at each chain's last token.
 
     With ``keep_last`` the last token of each chain stays pending as node 0 (a tree root);
-    otherwise the whole chain is committed. Returns (R, V) float32 logits.
+    otherwise the whole chain is committed. Returns (R, V) float32 logits (the output
+    module's width, see :func:`_forward_block`).
     """
     if state.pending != 0:
         raise ValueError("the state has an uncommitted tree; call commit() first")

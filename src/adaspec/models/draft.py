@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -36,11 +35,10 @@ from adaspec.models.adapter import (
     _extend,
     _forward_block,
     _layers,
-    _output_head,
     commit,
     prefill,
 )
-from adaspec.models.vocab import SubsetHead
+from adaspec.models.vocab import subset_scores
 from adaspec.tree import TokenTree, ancestor_mask
 
 __all__ = [
@@ -127,6 +125,10 @@ def grow_draft_tree(
         the (R, F) node indices of its frontier; True ends the growth there. The engine's
         rule: stop when the level would lower the step's expected tokens per second.
 
+    A draft whose output layer is a :class:`~adaspec.models.vocab.SubsetHead` runs its
+    forwards in :meth:`~adaspec.models.vocab.SubsetHead.scores_only` mode: each level is
+    ranked over its K columns (the same tree as over V logits that are -inf elsewhere).
+
     Returns
     -------
     DraftTree
@@ -157,11 +159,7 @@ def grow_draft_tree(
     dev = state.lens.device
     root_tokens = root_tokens.to(device=dev, dtype=torch.int64)
     # a draft that proposes only part of the vocabulary is ranked over that part alone
-    head = _output_head(draft)
-    scope: AbstractContextManager[Tensor | None] = (
-        head.scores_only() if isinstance(head, SubsetHead) else nullcontext(None)
-    )
-    with scope as vocab:
+    with subset_scores(draft) as vocab:
         grower = TreeGrower(
             root_tokens, width, temperature=temperature, top_k=top_k, top_p=top_p, vocab=vocab
         )
@@ -188,7 +186,9 @@ def _grow(
     chains = torch.cat([backlog.clamp(min=0), torch.zeros_like(root_tokens).unsqueeze(1)], 1)
     chains[torch.arange(state.num_requests, device=dev), counts - 1] = root_tokens
     state.backlog = backlog[:, :0]
-    root_logits = _extend(draft, state, chains, counts, keep_last=True)  # [R, V]
+    root_logits = _extend(draft, state, chains, counts, keep_last=True)  # [R, V] (or K)
+    if grower.vocab is not None and root_logits.shape[-1] != grower.vocab.shape[0]:
+        grower.vocab = None  # the model never called its output module: V logits after all
     if depth > 0:
         grower.expand(root_logits.unsqueeze(1))
     for _ in range(1, depth):

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import sysconfig
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SubsetHead", "frequent_tokens", "stdlib_token_counts"]
+__all__ = ["SubsetHead", "frequent_tokens", "stdlib_token_counts", "subset_scores"]
 
 
 def stdlib_token_counts(tokenizer: Any, vocab_size: int, *, max_chars: int = 12_000_000) -> Tensor:
@@ -142,7 +142,10 @@ class SubsetHead(nn.Module):
 
         What :func:`~adaspec.models.grow_draft_tree` runs the draft in: the softmax and the
         top-k of each level then cover K columns, not V (at Gemma-3's 262,144 tokens and
-        K = 32,768, 2.8 ms less per draft level at 4 rows, 9 ms at 12).
+        K = 32,768, 2.8 ms less per draft level at 4 rows, 9 ms at 12). The switch is the
+        module's own state, not a thread's: do not use the module from another thread (or
+        call ``generate`` with it) inside the block. The yielded ids are the module's
+        buffer: read them, do not write them.
 
         Example
         -------
@@ -164,3 +167,13 @@ class SubsetHead(nn.Module):
         out = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))
         logits: Tensor = out.index_copy_(-1, self.tokens, scores)
         return logits
+
+
+def subset_scores(model: nn.Module) -> AbstractContextManager[Tensor | None]:
+    """``model``'s output layer in :meth:`SubsetHead.scores_only` mode if it is a
+    :class:`SubsetHead` (yields its (K,) token ids), else a block that changes nothing
+    (yields None): how a draft's forwards run where only their keys and values, or K-wide
+    scores, are needed."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head.scores_only() if isinstance(head, SubsetHead) else nullcontext(None)
