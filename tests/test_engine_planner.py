@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adaspec.engine import Engine, EngineConfig
-from adaspec.engine.core import _PROBE_EVERY, _PROFILES
+from adaspec.engine.core import _PROBE_EVERY, _PROFILES, _RATIO_CLASSES
 from adaspec.models import tiny_model
 
 
@@ -71,7 +71,7 @@ def test_staying_with_speculation_needs_no_margin_switching_to_it_does():
     eng = planned(0.7)
     eng._accept_trials[:] = 100.0  # the pair's acceptance measured over many requests
     eng._accept_hits[:] = 85.0
-    eng._spec_time_ratio = [1.0, 1.0]
+    eng._spec_time_ratio = [[1.0] * _RATIO_CLASSES for _ in range(2)]
     eng._plain_streak = 1
     assert eng._plan_shape(1, 4, 1)[0] == 0
     eng._spec_streak, eng._plain_streak = 3, 0
@@ -231,7 +231,7 @@ def test_measured_chain_steps_outweigh_a_pessimistic_acceptance_model():
     # model alone says plain decoding is faster
     eng = planned(0.6)
     eng._accept_trials[:], eng._accept_hits[:] = 500.0, 300.0
-    eng._spec_time_ratio = [1.0, 1.0]
+    eng._spec_time_ratio = [[1.0] * _RATIO_CLASSES for _ in range(2)]
     eng._plain_streak = 1
     assert eng._plan_shape(1, 4, 1)[0] == 0
     # ... but recent chains, whose depth followed the draft's confidence, emitted 6 tokens
@@ -365,3 +365,23 @@ def test_only_an_engine_with_a_draft_cache_of_its_own_prices_catch_ups():
     assert own._draft_prefill_per_token is not None
     assert calls[0] == 0
     assert own._accept_trials.tolist() == learned.tolist()
+
+
+def test_speculative_steps_correct_the_plan_per_class_of_batch_size():
+    eng = planned(0.3)
+    prior = eng._spec_ratio(0, 1)
+    assert eng._spec_ratio(0, 16) == prior  # nothing measured anywhere: the prior
+    # batch 16 ran 1.5x its prediction: that class learns it (a running mean from the
+    # nearest class's ratio), batch 1 keeps the prior
+    eng._observe_spec_ratio(0, 16, 1.5, 1.0)
+    assert eng._spec_ratio(0, 16) == pytest.approx((prior + 1.5) / 2)
+    assert eng._spec_ratio(0, 31) == eng._spec_ratio(0, 16)  # the same class
+    assert eng._spec_ratio(0, 1) == eng._spec_ratio(0, 16)  # unmeasured: the nearest class's
+    eng._observe_spec_ratio(0, 1, 1.0, 1.0)
+    assert eng._spec_ratio(0, 1) == pytest.approx((eng._spec_ratio(0, 16) + 1.0) / 2)
+    assert eng._spec_ratio(0, 4) == eng._spec_ratio(0, 1)  # nearest: 1 (class 0) before 16
+    assert eng._spec_ratio(1, 16) == prior  # beams learn apart from chains
+    for _ in range(30):
+        eng._observe_spec_ratio(0, 16, 1.2, 1.0)
+    assert eng._spec_ratio(0, 16) == pytest.approx(1.2, abs=0.01)
+    assert eng._spec_ratio(0, 1) < 1.2

@@ -103,6 +103,11 @@ _PROBE_CATCH_UP = 0.1
 # starts here (with the draft's first level priced apart: 1.02-1.10 at batch 1 on the
 # shipped pairs, 0.98-1.15 at batch 4)
 _SPEC_TIME_PRIOR = 1.1
+# ... kept per class of batch size (1, 2-3, 4-7, ..., 128 and more): the latency models rest
+# on single-request warm-up forwards and on whatever steps ran, and a speculative step of
+# 16 requests took ~1.2x its prediction where one of a single request took ~1.05x (one
+# ratio over all sizes, learned at batch 1, had Gemma speculate at batch 16 at a loss)
+_RATIO_CLASSES = 8
 # a chain may grow this many times the beam's depth (transformers' assisted generation
 # drafts up to 20 tokens; on the shipped SmolLM2 pair confident stretches ran past 8)
 _CHAIN_DEPTHS = 4
@@ -130,7 +135,8 @@ class _Profile:
     catch_up_per_token: float
     accept_trials: Tensor
     accept_hits: Tensor
-    spec_time_ratio: list[float]
+    spec_time_ratio: list[list[float]]
+    spec_ratio_steps: list[list[int]]
     overhead: list[float]
     calibrator: Calibrator | None
     chain_steps: list[float]
@@ -379,6 +385,11 @@ def _mean_ratio(old: float, seconds: float, predicted: float, keep: float = _STA
     return _mean(old, _ratio(seconds, predicted), keep)
 
 
+def _ratio_class(R: int) -> int:
+    """The class of batch size R for the speculative time ratios: 1, 2-3, 4-7, ..."""
+    return min(max(R, 1).bit_length() - 1, _RATIO_CLASSES - 1)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -443,7 +454,9 @@ class Engine:
         self._draft_prefill_per_token: float | None = None
         # measured / predicted seconds of speculative steps, and the predicted seconds of the
         # current plan's first and further draft levels
-        self._spec_time_ratio = [_SPEC_TIME_PRIOR, _SPEC_TIME_PRIOR]  # chains, beams
+        # [kind][batch class] (kind 0: chains, 1: beams); 0.0 where none was measured
+        self._spec_time_ratio = [[0.0] * _RATIO_CLASSES for _ in range(2)]
+        self._spec_ratio_steps = [[0] * _RATIO_CLASSES for _ in range(2)]
         # the same for plain steps (0 until one is measured): forwards of one token per request
         # differ from the warm-up's single-request trees and drift from the shared model (its
         # buckets move together as speculative steps observe larger sizes)
@@ -705,7 +718,8 @@ class Engine:
         at R w tokens, verification the target latency model at every node grown (R (d + 1)
         for a chain, R (1 + d w) for a beam, at most the step's token bound), each kind of
         step its measured overhead, all scaled by how much longer such steps really took
-        than so predicted (speculative and plain steps each their own ratio); a request emits 1 + α + α² + ... + α^d tokens,
+        than so predicted (plain steps one ratio, speculative ones one per kind and class
+        of batch size); a request emits 1 + α + α² + ... + α^d tokens,
         where α is the rate at which the target accepts a drafted level the accepted path
         reached (per width, see :meth:`_alpha`). Per-request time per token follows the
         same ratio, so this choice also serves the SLOs best. A chosen chain is returned at
@@ -811,7 +825,7 @@ class Engine:
                 nodes = (R * (1 + d * w)).clamp(max=max(self.config.max_tokens_per_step, R))
                 verify_w = verify_s if w == 1 else self.verify_latency.predict(nodes)
                 predicted = first + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
-                seconds = self._spec_time_ratio[i] * predicted[: levels + 1]
+                seconds = self._spec_ratio(i, R) * predicted[: levels + 1]
                 mean_rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
                 rate = mean_rate * straggle
                 k = int(rate[1:].argmax()) + 1
@@ -919,9 +933,7 @@ class Engine:
         """
         tokens, levels, steps = self._chain_steps
         tau, depth = tokens / steps, max(levels / steps, 1.0)
-        seconds = self._spec_time_ratio[0] * self._spec_seconds(
-            first, level, depth, R * (depth + 1)
-        )
+        seconds = self._spec_ratio(0, R) * self._spec_seconds(first, level, depth, R * (depth + 1))
         measured = R * tau / max(seconds, 1e-9)
         # only ever raises the model's rate: chain steps of one poorly predicted prompt
         # otherwise kept every later prompt plain, with no chain step left to correct them
@@ -950,7 +962,7 @@ class Engine:
         assert self._planned is not None
         _, level, long_run = self._planned
         kind = 0 if width == 1 else 1
-        ratio = self._spec_time_ratio[kind]
+        ratio = self._spec_ratio(kind, R)
         cap = self.config.max_tokens_per_step
         verify = self.verify_latency.predict
         plain_rate = self._plain_rate(R)
@@ -1031,6 +1043,7 @@ class Engine:
             accept_trials=self._accept_trials,
             accept_hits=self._accept_hits,
             spec_time_ratio=self._spec_time_ratio,
+            spec_ratio_steps=self._spec_ratio_steps,
             overhead=self._overhead,
             calibrator=calibrator,
             chain_steps=self._chain_steps,
@@ -1046,6 +1059,7 @@ class Engine:
         self._catch_up_per_token = p.catch_up_per_token
         self._accept_trials, self._accept_hits = p.accept_trials, p.accept_hits
         self._spec_time_ratio, self._overhead = p.spec_time_ratio, p.overhead
+        self._spec_ratio_steps = p.spec_ratio_steps
         self._chain_steps = p.chain_steps
         if self.calibrator is not None and p.calibrator is not None:
             self.calibrator = p.calibrator
@@ -1216,13 +1230,12 @@ class Engine:
             req.trials[i] = _STATS_DECAY * req.trials[i] + t
             req.hits[i] = _STATS_DECAY * req.hits[i] + a
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
+        predicted = 0.0
         if self._planned is not None and tunings() == tuned:
             # what the models predict for the levels really grown and nodes really verified
             first, level, _ = self._planned
             predicted = self._spec_seconds(first, level, forwards, n_tokens)
-            self._spec_time_ratio[i] = _mean_ratio(
-                self._spec_time_ratio[i], t_end - t_beam, predicted
-            )
+            self._observe_spec_ratio(i, R, t_end - t_beam, predicted)
         self._planned = None  # this step's plan is spent
         if caught_up:  # per padded token, beyond one forward's fixed cost
             observed = self.draft_latency.observed
@@ -1232,9 +1245,10 @@ class Engine:
         if logger.isEnabledFor(logging.DEBUG):  # (the mean is a tensor op: only when asked)
             logger.debug(
                 "speculated R=%d width %d: %d levels, %d verified, %.2f emitted per request, "
-                "%.1f ms (draft %.1f, catch-up %.1f)",
+                "%.1f ms (draft %.1f, catch-up %.1f; predicted %.1f before the ratio)",
                 R, width, forwards, n_tokens, float(res.num_emitted.double().mean()),
                 1e3 * (t_end - t_start), 1e3 * (t_draft - t_beam), 1e3 * (t_beam - t_start),
+                1e3 * predicted,
             )  # fmt: skip
         self._plain_streak = 0
         self._spec_streak += 1
@@ -1288,6 +1302,27 @@ class Engine:
         self.stats.verify_time += t_verify - t_start
         self.stats.overhead_time += t_end - t_verify
         return emitted, counts
+
+    def _spec_ratio(self, kind: int, R: int) -> float:
+        """Measured / predicted seconds of speculative steps of ``kind`` at batches of R's
+        class: that class's, else the nearest measured class's (the smaller on a tie),
+        else the prior."""
+        row, c = self._spec_time_ratio[kind], _ratio_class(R)
+        for d in range(_RATIO_CLASSES):
+            for near in (c - d, c + d):
+                if 0 <= near < _RATIO_CLASSES and row[near] > 0.0:
+                    return row[near]
+        return _SPEC_TIME_PRIOR
+
+    def _observe_spec_ratio(self, kind: int, R: int, seconds: float, predicted: float) -> None:
+        """Fold a speculative step's measured / predicted seconds into its batch class's
+        ratio: a running mean over the class's first steps (a new class starts from the
+        nearest class's ratio, worth one step), then decayed."""
+        c, n = _ratio_class(R), self._spec_ratio_steps[kind][_ratio_class(R)]
+        keep = max(0.5, min(_STATS_DECAY, n / (n + 1)))
+        old = self._spec_ratio(kind, R)
+        self._spec_time_ratio[kind][c] = _mean_ratio(old, seconds, predicted, keep=keep)
+        self._spec_ratio_steps[kind][c] = n + 1
 
     def _observe_overhead(self, kind: int, seconds: float) -> None:
         """Fold one step's seconds outside the forwards into the decayed mean of its kind."""
