@@ -276,6 +276,9 @@ def test_a_larger_batch_measures_a_plain_step_before_it_speculates():
     assert eng._plan_shape(4, 4, 1) == (0, 1)  # the latency models rest on batch 1
     eng._plain_step()  # measured at 4: good for every batch below 8
     assert eng._plain_batch == 4
+    assert 4 in eng._plain_seconds  # (a tiny model's real step: keep the made-up latencies)
+    eng._plain_seconds.clear()
+    eng._plain_time_ratio = 1.0
     assert eng._plan_shape(4, 4, 1)[0] > 0
     assert eng._plan_shape(3, 4, 1)[0] > 0
     for _ in range(4):
@@ -385,3 +388,22 @@ def test_speculative_steps_correct_the_plan_per_class_of_batch_size():
         eng._observe_spec_ratio(0, 16, 1.2, 1.0)
     assert eng._spec_ratio(0, 16) == pytest.approx(1.2, abs=0.01)
     assert eng._spec_ratio(0, 1) < 1.2
+
+
+def test_plain_steps_measured_at_a_batch_size_price_plain_decoding_there():
+    eng = planned(0.7)  # speculation ~4 % faster than the model's plain steps: not enough
+    eng._accept_trials[:], eng._accept_hits[:] = 100.0, 85.0
+    eng._plain_streak = 1
+    assert eng._plan_shape(1, 4, 1)[0] == 0
+    # plain steps at batch 1 really took twice the model's 51 ms: speculation wins there,
+    # and only there
+    eng._plain_seconds[1] = 0.102
+    assert eng._plain_rate(1) == pytest.approx(1 / 0.102)
+    assert eng._plan_shape(1, 4, 1)[0] > 0
+    assert eng._plain_rate(2) == pytest.approx(2 / (0.052 + eng._overhead[0]), rel=0.05)
+    # a real plain step records what it took at its batch size
+    eng._plain_samples = 5
+    eng._plain_seconds.clear()
+    eng._plain_step()
+    assert list(eng._plain_seconds) == [1]
+    assert eng._plain_seconds[1] > 0

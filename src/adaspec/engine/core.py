@@ -462,6 +462,11 @@ class Engine:
         # buckets move together as speculative steps observe larger sizes)
         self._plain_time_ratio = 0.0
         self._plain_samples = 0
+        # decayed mean seconds of the plain steps measured at each batch size: the latency
+        # model's prediction for R tokens moves as speculative steps feed it larger trees
+        # (Gemma at batch 6 priced plain steps at 67-88 tok/s between speculative ones;
+        # they ran at ~92, and the plan speculated at parity)
+        self._plain_seconds: dict[int, float] = {}
         self._plain_batch = 1  # the largest batch a plain step was measured at (1: none)
         # the plan of this step: its draft's first level and further ones (seconds), and the
         # long-run tokens per second it expects (what a further level must beat)
@@ -911,6 +916,8 @@ class Engine:
     def _plain_rate(self, R: int) -> float:
         """Predicted tokens per second of a plain step of R requests, as plain steps were
         measured (at batch 1 before two were, ``_PLAIN_DOUBT`` times the model's)."""
+        if R in self._plain_seconds:
+            return R / max(self._plain_seconds[R], 1e-9)
         measured = self._plain_samples >= 2 or (self._plain_batch > 1 and self._plain_samples > 0)
         ratio = self._plain_time_ratio if measured else 1 / _PLAIN_DOUBT
         seconds = ratio * (float(self.verify_latency.predict(R)) + self._overhead[0])
@@ -1294,6 +1301,10 @@ class Engine:
                     self._plain_time_ratio, t_end - t_start, predicted, keep=0.7
                 )
             self._plain_samples += 1
+            if R > 1 or self._plain_samples > 2:  # (batch 1: after the doubted first ones)
+                self._plain_seconds[R] = _mean(
+                    self._plain_seconds.get(R, 0.0), t_end - t_start, keep=0.7
+                )
         # measured at this batch (a step that timed new kernel plans once counts too: the
         # next one would time none, and one forced plain step per batch size is enough)
         self._plain_batch = max(self._plain_batch, R)
