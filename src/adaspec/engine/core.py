@@ -466,7 +466,10 @@ class Engine:
         # model's prediction for R tokens moves as speculative steps feed it larger trees
         # (Gemma at batch 6 priced plain steps at 67-88 tok/s between speculative ones;
         # they ran at ~92, and the plan speculated at parity)
+        # (used from the second step at a size on, the quicker of the first two: a first
+        # plain step after a prefill of 16 prompts ran at 115 tok/s, the next ones at 135)
         self._plain_seconds: dict[int, float] = {}
+        self._plain_counts: dict[int, int] = {}
         self._plain_batch = 1  # the largest batch a plain step was measured at (1: none)
         # the plan of this step: its draft's first level and further ones (seconds), and the
         # long-run tokens per second it expects (what a further level must beat)
@@ -916,7 +919,7 @@ class Engine:
     def _plain_rate(self, R: int) -> float:
         """Predicted tokens per second of a plain step of R requests, as plain steps were
         measured (at batch 1 before two were, ``_PLAIN_DOUBT`` times the model's)."""
-        if R in self._plain_seconds:
+        if self._plain_counts.get(R, 0) >= 2:
             return R / max(self._plain_seconds[R], 1e-9)
         measured = self._plain_samples >= 2 or (self._plain_batch > 1 and self._plain_samples > 0)
         ratio = self._plain_time_ratio if measured else 1 / _PLAIN_DOUBT
@@ -1302,9 +1305,10 @@ class Engine:
                 )
             self._plain_samples += 1
             if R > 1 or self._plain_samples > 2:  # (batch 1: after the doubted first ones)
-                self._plain_seconds[R] = _mean(
-                    self._plain_seconds.get(R, 0.0), t_end - t_start, keep=0.7
-                )
+                seconds, n = t_end - t_start, self._plain_counts.get(R, 0)
+                old = self._plain_seconds.get(R, seconds)
+                self._plain_seconds[R] = min(old, seconds) if n < 2 else _mean(old, seconds, 0.7)
+                self._plain_counts[R] = n + 1
         # measured at this batch (a step that timed new kernel plans once counts too: the
         # next one would time none, and one forced plain step per batch size is enough)
         self._plain_batch = max(self._plain_batch, R)
