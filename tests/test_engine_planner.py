@@ -278,7 +278,6 @@ def test_a_larger_batch_measures_a_plain_step_before_it_speculates():
     assert eng._plain_batch == 4
     assert 4 in eng._plain_seconds  # (a tiny model's real step: keep the made-up latencies)
     eng._plain_seconds.clear()
-    eng._plain_counts.clear()
     eng._plain_time_ratio = 1.0
     assert eng._plan_shape(4, 4, 1)[0] > 0
     assert eng._plan_shape(3, 4, 1)[0] > 0
@@ -398,20 +397,22 @@ def test_plain_steps_measured_at_a_batch_size_price_plain_decoding_there():
     assert eng._plan_shape(1, 4, 1)[0] == 0
     # plain steps at batch 1 really took twice the model's 51 ms: speculation wins there,
     # and only there
-    eng._plain_seconds[1], eng._plain_counts[1] = 0.102, 2
+    eng._plain_seconds[1] = (0.102, 2)
     assert eng._plain_rate(1) == pytest.approx(1 / 0.102)
     assert eng._plan_shape(1, 4, 1)[0] > 0
     assert eng._plain_rate(2) == pytest.approx(2 / (0.052 + eng._overhead[0]), rel=0.05)
     # a real plain step records what it took at its batch size
     eng._plain_samples = 5
     eng._plain_seconds.clear()
-    eng._plain_counts.clear()
     eng._plain_step()
     assert list(eng._plain_seconds) == [1]
-    assert eng._plain_counts[1] == 1
-    assert eng._plain_seconds[1] > 0
-    eng._plain_seconds[1] = 1.0  # (a slow first step after a prefill)
+    seconds, steps = eng._plain_seconds[1]
+    assert steps == 1
+    assert seconds > 0
+    eng._plain_seconds[1] = (1.0, 1)  # (a slow first step after a prefill)
     assert eng._plain_rate(1) != pytest.approx(1.0)  # one step is not yet a price
     eng._plain_step()
-    assert eng._plain_seconds[1] < 1.0  # the quicker of the first two
-    assert eng._plain_rate(1) == pytest.approx(1 / eng._plain_seconds[1])
+    seconds, steps = eng._plain_seconds[1]
+    assert steps == 2
+    assert seconds < 1.0  # the quicker of the first two
+    assert eng._plain_rate(1) == pytest.approx(1 / seconds)

@@ -462,14 +462,13 @@ class Engine:
         # buckets move together as speculative steps observe larger sizes)
         self._plain_time_ratio = 0.0
         self._plain_samples = 0
-        # decayed mean seconds of the plain steps measured at each batch size: the latency
-        # model's prediction for R tokens moves as speculative steps feed it larger trees
-        # (Gemma at batch 6 priced plain steps at 67-88 tok/s between speculative ones;
-        # they ran at ~92, and the plan speculated at parity)
-        # (used from the second step at a size on, the quicker of the first two: a first
+        # batch size -> (seconds, steps) of the plain steps measured there: the quicker of
+        # the first two, then a decayed mean; it prices plain decoding from the second step
+        # on (the latency model's prediction for R tokens moves as speculative steps feed it
+        # larger trees: Gemma at batch 6 priced plain steps at 67-88 tok/s between
+        # speculative ones, they ran at ~92, and the plan speculated at parity; a first
         # plain step after a prefill of 16 prompts ran at 115 tok/s, the next ones at 135)
-        self._plain_seconds: dict[int, float] = {}
-        self._plain_counts: dict[int, int] = {}
+        self._plain_seconds: dict[int, tuple[float, int]] = {}
         self._plain_batch = 1  # the largest batch a plain step was measured at (1: none)
         # the plan of this step: its draft's first level and further ones (seconds), and the
         # long-run tokens per second it expects (what a further level must beat)
@@ -919,8 +918,9 @@ class Engine:
     def _plain_rate(self, R: int) -> float:
         """Predicted tokens per second of a plain step of R requests, as plain steps were
         measured (at batch 1 before two were, ``_PLAIN_DOUBT`` times the model's)."""
-        if self._plain_counts.get(R, 0) >= 2:
-            return R / max(self._plain_seconds[R], 1e-9)
+        seconds, steps = self._plain_seconds.get(R, (0.0, 0))
+        if steps >= 2:
+            return R / max(seconds, 1e-9)
         measured = self._plain_samples >= 2 or (self._plain_batch > 1 and self._plain_samples > 0)
         ratio = self._plain_time_ratio if measured else 1 / _PLAIN_DOUBT
         seconds = ratio * (float(self.verify_latency.predict(R)) + self._overhead[0])
@@ -1305,10 +1305,10 @@ class Engine:
                 )
             self._plain_samples += 1
             if R > 1 or self._plain_samples > 2:  # (batch 1: after the doubted first ones)
-                seconds, n = t_end - t_start, self._plain_counts.get(R, 0)
-                old = self._plain_seconds.get(R, seconds)
-                self._plain_seconds[R] = min(old, seconds) if n < 2 else _mean(old, seconds, 0.7)
-                self._plain_counts[R] = n + 1
+                seconds = t_end - t_start
+                old, n = self._plain_seconds.get(R, (seconds, 0))
+                new = min(old, seconds) if n < 2 else _mean(old, seconds, keep=0.7)
+                self._plain_seconds[R] = (new, n + 1)
         # measured at this batch (a step that timed new kernel plans once counts too: the
         # next one would time none, and one forced plain step per batch size is enough)
         self._plain_batch = max(self._plain_batch, R)
@@ -1333,7 +1333,8 @@ class Engine:
         """Fold a speculative step's measured / predicted seconds into its batch class's
         ratio: a running mean over the class's first steps (a new class starts from the
         nearest class's ratio, worth one step), then decayed."""
-        c, n = _ratio_class(R), self._spec_ratio_steps[kind][_ratio_class(R)]
+        c = _ratio_class(R)
+        n = self._spec_ratio_steps[kind][c]
         keep = max(0.5, min(_STATS_DECAY, n / (n + 1)))
         old = self._spec_ratio(kind, R)
         self._spec_time_ratio[kind][c] = _mean_ratio(old, seconds, predicted, keep=keep)

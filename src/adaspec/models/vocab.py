@@ -174,6 +174,7 @@ def subset_scores(model: nn.Module) -> AbstractContextManager[Tensor | None]:
     :class:`SubsetHead` (yields its (K,) token ids), else a block that changes nothing
     (yields None): how a draft's forwards run where only their keys and values, or K-wide
     scores, are needed."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    from adaspec.models.adapter import _output_head
+
+    head = _output_head(model)
     return head.scores_only() if isinstance(head, SubsetHead) else nullcontext(None)
