@@ -6,7 +6,8 @@
 
 Greedy, identical prompts (MT-bench first turns, HumanEval prompts), every method in the same
 run, methods taking turns (the machine is shared: tables 1-2 report the median of
-``--repeats`` rounds; in table 2 each round shifts the methods' order). Three tables per pair:
+``--repeats`` rounds; in table 2 each round runs target-only ``generate`` first, then the
+three engines in an order shifted by one seat per round). Three tables per pair:
 
 1. batch 1: tokens/s and τ of adaspec.generate, target-only ``generate`` and transformers'
    assisted generation with the same draft (``assistant_model=``);
@@ -167,12 +168,15 @@ def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[st
         runs: dict[str, list[float]] = {k: [] for k in keys}
         tau_runs, n_same = [], b
         for round_ in range(args.repeats):
-            # each round shifts the order: no method keeps the seat right after
-            # transformers' generate (adaspec had it; by seat, Gemma batch 16 with all three
-            # engines decoding plainly ran 79.6 / 82.6 / 83.8 tok/s in a 6-round trace)
-            shift = round_ % len(keys)
+            # transformers' generate first, then the three engines in an order shifted
+            # each round: over three rounds each engine takes each seat once. A seat
+            # matters: by seat, Gemma batch 16 with all three engines decoding plainly ran
+            # 79.6 / 82.6 / 83.8 tok/s in a 6-round trace; shifting all four methods (run
+            # K) still seated adaspec right after transformers' generate in 2 of 3 rounds
+            shift = round_ % len(configs)
+            engines = list(configs)
             outs: dict[str, list[list[int]]] = {}
-            for key in keys[shift:] + keys[:shift]:
+            for key in ["base", *engines[shift:], *engines[:shift]]:
                 if key == "base":
                     seqs, seconds, _ = hf_generate(target, p, n, pad, eos)
                 else:
