@@ -266,7 +266,7 @@ def test_a_probe_spends_little_on_the_drafts_catch_up(monkeypatch: pytest.Monkey
     assert not probe_taken()
 
 
-def test_a_larger_batch_measures_a_plain_step_before_it_speculates():
+def test_a_larger_batch_measures_two_plain_steps_before_it_speculates():
     eng = planned(0.1)  # a cheap draft: at batch 1 it speculates at once
     eng._plain_batch = 1  # plain steps were measured at batch 1 only
     assert eng._plan_shape(1, 4, 1)[0] > 0
@@ -274,6 +274,9 @@ def test_a_larger_batch_measures_a_plain_step_before_it_speculates():
         eng.add_request([5, 6, 7], max_new_tokens=200)
     eng._admit()
     assert eng._plan_shape(4, 4, 1) == (0, 1)  # the latency models rest on batch 1
+    eng._plain_step()  # one step's time varies: a second one measures too
+    assert eng._plain_batch == 1
+    assert eng._plan_shape(4, 4, 1) == (0, 1)
     eng._plain_step()  # measured at 4: good for every batch below 8
     assert eng._plain_batch == 4
     assert 4 in eng._plain_seconds  # (a tiny model's real step: keep the made-up latencies)

@@ -69,6 +69,11 @@ _PROBE_MAX = 128
 # draft's confidence until chain steps were measured, and a short request (32 tokens) was
 # over before the eighth plain step (SmolLM2's chains then ran 10-15 tokens a step)
 _FIRST_PROBE = 2
+# at a batch at least twice any plain steps were measured at, this many plain steps come
+# first: they measure what plain decoding costs there (and lose nothing to it). One was
+# not enough: the first plain step after a prefill of 4 Gemma prompts took 98 ms, the next
+# ones 74-91, and the plan priced plain decoding by the slow one and speculated at a loss
+_NEW_BATCH_PLAIN_STEPS = 2
 # until two plain steps were measured at an engine's batch, plain decoding is priced this
 # much faster than the latency model predicts (the warm-up profiles one request; at batch
 # 4 it was 10-30 % off): speculation starts at once only where it wins even so, and
@@ -469,7 +474,8 @@ class Engine:
         # speculative ones, they ran at ~92, and the plan speculated at parity; a first
         # plain step after a prefill of 16 prompts ran at 115 tok/s, the next ones at 135)
         self._plain_seconds: dict[int, tuple[float, int]] = {}
-        self._plain_batch = 1  # the largest batch a plain step was measured at (1: none)
+        self._plain_batch = 1  # the largest batch plain steps were measured at (1: none)
+        self._plain_steps_at: dict[int, int] = {}  # batch size -> plain steps run there
         # the plan of this step: its draft's first level and further ones (seconds), and the
         # long-run tokens per second it expects (what a further level must beat)
         self._planned: tuple[float, float, float] | None = None
@@ -733,8 +739,8 @@ class Engine:
         its longest (``_CHAIN_DEPTHS`` x ``depth``, within the step's token bound and the
         per-request cap): :meth:`_level_rule` ends it where the draft's confidence no
         longer pays (a probe keeps the depth its optimistic rate was best at).
-        At a batch at least twice any a plain step was measured at, the first step is plain
-        (it measures what plain decoding costs there); at batch 1, until two plain steps
+        At a batch at least twice any plain steps were measured at, the first two steps are
+        plain (they measure what plain decoding costs there); at batch 1, until two plain steps
         were measured, plain decoding is priced ``_PLAIN_DOUBT`` times faster than
         predicted: speculation starts at once only where it wins even so;
         switching to speculation needs a predicted 10 % gain, staying with it only a
@@ -762,8 +768,8 @@ class Engine:
         if 2 * self._plain_batch <= R:
             # the latency models rest on other batch sizes (the warm-up's one request): at
             # Gemma's batch 4 they priced a plain step 1.4x slower than it ran, and the plan
-            # speculated at a 6 % loss. One plain step measures it (and loses nothing);
-            # a batch growing request by request pays one per doubling
+            # speculated at a 6 % loss. Plain steps measure it (and lose nothing); a
+            # batch growing request by request pays _NEW_BATCH_PLAIN_STEPS per doubling
             self._planned = None
             return 0, width
         cap = min(cap, left)
@@ -1309,9 +1315,11 @@ class Engine:
                 old, n = self._plain_seconds.get(R, (seconds, 0))
                 new = min(old, seconds) if n < 2 else _mean(old, seconds, keep=0.7)
                 self._plain_seconds[R] = (new, n + 1)
-        # measured at this batch (a step that timed new kernel plans once counts too: the
-        # next one would time none, and one forced plain step per batch size is enough)
-        self._plain_batch = max(self._plain_batch, R)
+        # measured at this batch after _NEW_BATCH_PLAIN_STEPS plain steps there (a step
+        # that timed new kernel plans counts too: the next one times none)
+        self._plain_steps_at[R] = self._plain_steps_at.get(R, 0) + 1
+        if self._plain_steps_at[R] >= _NEW_BATCH_PLAIN_STEPS:
+            self._plain_batch = max(self._plain_batch, R)
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start
