@@ -1,5 +1,7 @@
 """The step-latency model: interpolation, robustness to stalled forwards, drift."""
 
+import json
+
 import pytest
 import torch
 
@@ -84,3 +86,31 @@ def test_state_dict_and_bad_input():
         lat.observe(0, 0.1)
     with pytest.raises(ValueError, match="finite seconds"):
         lat.observe(1, float("inf"))
+
+
+def test_from_state_dict_round_trips_through_json():
+    lat = LatencyModel(window=3)
+    for tokens, seconds in [(1, 0.02), (1, 0.021), (16, 0.05), (64, 0.09), (64, 0.3)]:
+        lat.observe(tokens, seconds)
+    back = LatencyModel.from_state_dict(json.loads(json.dumps(lat.state_dict())))
+    points = torch.tensor([1.0, 3.0, 16.0, 40.0, 64.0, 200.0])
+    assert torch.equal(back.predict(points), lat.predict(points))
+    assert back.state_dict() == lat.state_dict()
+    back.observe(16, 0.1)  # a restored bucket is in use: it moves no other
+    assert float(back.predict(1)) == pytest.approx(float(lat.predict(1)))
+
+
+def test_from_state_dict_rejects_bad_state():
+    good = LatencyModel(grid=(1, 4), window=2)
+    good.observe(3, 0.5)
+    state = good.state_dict()
+    with pytest.raises(ValueError, match="missing the key 'samples'"):
+        LatencyModel.from_state_dict({k: v for k, v in state.items() if k != "samples"})
+    with pytest.raises(TypeError, match="mapping"):
+        LatencyModel.from_state_dict([("grid", [1])])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bucket 5"):
+        LatencyModel.from_state_dict({**state, "samples": {5: [(3.0, 0.5)]}})
+    with pytest.raises(ValueError, match="finite seconds"):
+        LatencyModel.from_state_dict({**state, "samples": {1: [(3.0, -1.0)]}})
+    with pytest.raises(ValueError, match="window"):
+        LatencyModel.from_state_dict({**state, "window": 0})

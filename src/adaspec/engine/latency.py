@@ -5,7 +5,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -138,3 +139,44 @@ class LatencyModel:
             "window": self.window,
             "samples": {k: list(v) for k, v in self._samples.items()},
         }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> LatencyModel:
+        """A latency model restored from :meth:`state_dict` (also after a JSON round trip,
+        which turns the bucket keys into strings). Every restored bucket counts as in use:
+        the first new observations correct it and move no other.
+
+        Example:
+            >>> lat = LatencyModel()
+            >>> lat.observe(4, 0.02)
+            >>> back = LatencyModel.from_state_dict(lat.state_dict())
+            >>> float(back.predict(4))
+            0.02
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"state must be a mapping from state_dict(), got {type(state).__name__}"
+            )
+        try:
+            model = cls(state["grid"], state["window"])
+            samples = state["samples"]
+        except KeyError as e:
+            raise ValueError(f"state is missing the key {e}") from None
+        if not isinstance(samples, Mapping):
+            raise TypeError(f"state['samples'] must be a mapping, got {type(samples).__name__}")
+        for key, pairs in samples.items():
+            b = int(key)
+            if not 0 <= b < len(model.grid):
+                raise ValueError(f"state['samples'] has bucket {key!r}, grid has {len(model.grid)}")
+            kept: deque[tuple[float, float]] = deque(maxlen=model.window)
+            for tokens, seconds in pairs:
+                if not (tokens >= 1 and 0 <= seconds < math.inf):
+                    raise ValueError(
+                        f"state['samples'][{key!r}] needs tokens >= 1 and finite seconds >= 0, "
+                        f"got {tokens}, {seconds}"
+                    )
+                kept.append((float(tokens), float(seconds)))
+            if kept:
+                model._samples[b] = kept
+                model._last[b] = 0
+        return model
