@@ -75,7 +75,12 @@ def test_buckets_in_use_keep_their_own_measurements():
 def test_state_dict_and_bad_input():
     lat = LatencyModel(grid=(1, 4), window=2)
     lat.observe(3, 0.5)
-    assert lat.state_dict() == {"grid": [1, 4], "window": 2, "samples": {1: [(3.0, 0.5)]}}
+    assert lat.state_dict() == {
+        "grid": [1, 4],
+        "window": 2,
+        "samples": {1: [(3.0, 0.5)]},
+        "best": {1: 0.5},
+    }
     with pytest.raises(ValueError, match="no observations"):
         LatencyModel().predict(1)
     with pytest.raises(ValueError, match="window"):
@@ -86,6 +91,26 @@ def test_state_dict_and_bad_input():
         lat.observe(0, 0.1)
     with pytest.raises(ValueError, match="finite seconds"):
         lat.observe(1, float("inf"))
+
+
+def test_best_prices_each_bucket_at_the_lowest_it_stood_for():
+    """A stall measured by every recent sample of a bucket sets its prediction; the best
+    price remembers what the bucket cost before (what a probe is priced at)."""
+    lat = LatencyModel(window=3)
+    for _ in range(3):
+        lat.observe(1, 0.020)
+        lat.observe(16, 0.100)
+    for _ in range(3):  # a burst of busy neighbours while size 16 ran
+        lat.observe(16, 0.500)
+    assert float(lat.predict(16)) == pytest.approx(0.500)
+    assert float(lat.predict(16, best=True)) == pytest.approx(0.100)
+    assert float(lat.predict(8, best=True)) == pytest.approx(0.020 + 7 / 15 * 0.080)
+    for _ in range(3):  # measured again: both follow
+        lat.observe(16, 0.090)
+    assert float(lat.predict(16)) == pytest.approx(0.090)
+    assert float(lat.predict(16, best=True)) == pytest.approx(0.090)
+    back = LatencyModel.from_state_dict(lat.state_dict())
+    assert float(back.predict(16, best=True)) == pytest.approx(0.090)
 
 
 def test_from_state_dict_round_trips_through_json():
