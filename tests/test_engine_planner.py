@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adaspec.engine import Engine, EngineConfig
-from adaspec.engine.core import _PROBE_EVERY, _PROFILES, _RATIO_CLASSES
+from adaspec.engine.core import _PROBE_EVERY, _PROFILES, _RATIO_CLASSES, _RATIO_WINDOW
 from adaspec.models import tiny_model
 
 
@@ -66,12 +66,54 @@ def test_long_speculation_takes_a_plain_step_to_remeasure_and_goes_on():
     assert eng._plan_shape(1, 4, 4)[0] > 0
 
 
+def test_a_probe_is_priced_at_the_lowest_costs_so_a_stall_is_measured_again():
+    """A burst of busy neighbours while speculating: the draft's and the target's tree
+    forwards timed 5x, speculative steps 3x their prediction. The plan then decodes
+    plainly, and only a probe can time them again; it is priced at the lowest costs seen."""
+    eng = planned(0.2)
+    for _ in range(5):
+        for n in (1, 2, 4, 8, 16):
+            eng.draft_latency.observe(n, 5 * 0.2 * (0.050 + 0.001 * n))
+            eng.verify_latency.observe(n + 1, 5 * (0.050 + 0.001 * n))
+        for kind in (0, 1):
+            eng._observe_spec_ratio(kind, 1, 3.0, 1.0)
+    eng.verify_latency.observe(1, 0.051)  # plain steps measure the target's 1-token forward
+    assert eng._plan_shape(1, 4, 4)[0] == 0  # the stalled costs: plain wins
+    eng._plain_streak = eng._probe_every
+    assert eng._plan_shape(1, 4, 4)[0] > 0  # the probe runs on the best costs
+    first, level, _ = eng._planned or (0.0, 0.0, 0.0)
+    # ... and is timed against them: a further level of one token at its best, the first
+    # level (the root and the prompt the draft has not seen) far below its stalled price
+    assert level == pytest.approx(0.2 * 0.051)
+    assert first < 2 * 0.2 * 0.051
+
+
+def test_while_speculating_a_chain_now_and_then_prices_its_levels_at_the_lowest_costs():
+    """Sizes timed only during a stall keep chains short while the plan speculates (no
+    probe is due then): every so often a chain's levels are priced at the best costs, with
+    the gap doubling each time."""
+    eng = planned(0.2)
+    eng._spec_ratios = [[[1.0] for _ in range(_RATIO_CLASSES)] for _ in range(2)]
+    for _ in range(5):
+        for n in (4, 8, 16, 32, 64):  # the stall: trees of 4+ tokens timed at 5x
+            eng.verify_latency.observe(n, 5 * (0.050 + 0.001 * n))
+    probes = []
+    for _ in range(3 * _PROBE_EVERY + 1):
+        assert eng._plan_shape(1, 4, 1)[0] > 0  # a chain each step
+        probes.append(eng._optimistic)
+        if eng._optimistic:  # the draft's levels at their best (1x) cost
+            assert eng._planned is not None
+            assert eng._planned[1] == pytest.approx(0.2 * 0.051)
+        eng._optimistic = False
+    assert [i for i, p in enumerate(probes) if p] == [_PROBE_EVERY - 1, 3 * _PROBE_EVERY - 1]
+
+
 def test_staying_with_speculation_needs_no_margin_switching_to_it_does():
     # a draft for which speculation is predicted to be ~4 % faster than plain decoding
     eng = planned(0.7)
     eng._accept_trials[:] = 100.0  # the pair's acceptance measured over many requests
     eng._accept_hits[:] = 85.0
-    eng._spec_time_ratio = [[1.0] * _RATIO_CLASSES for _ in range(2)]
+    eng._spec_ratios = [[[1.0] for _ in range(_RATIO_CLASSES)] for _ in range(2)]
     eng._plain_streak = 1
     assert eng._plan_shape(1, 4, 1)[0] == 0
     eng._spec_streak, eng._plain_streak = 3, 0
@@ -231,7 +273,7 @@ def test_measured_chain_steps_outweigh_a_pessimistic_acceptance_model():
     # model alone says plain decoding is faster
     eng = planned(0.6)
     eng._accept_trials[:], eng._accept_hits[:] = 500.0, 300.0
-    eng._spec_time_ratio = [[1.0] * _RATIO_CLASSES for _ in range(2)]
+    eng._spec_ratios = [[[1.0] for _ in range(_RATIO_CLASSES)] for _ in range(2)]
     eng._plain_streak = 1
     assert eng._plan_shape(1, 4, 1)[0] == 0
     # ... but recent chains, whose depth followed the draft's confidence, emitted 6 tokens
@@ -377,20 +419,36 @@ def test_speculative_steps_correct_the_plan_per_class_of_batch_size():
     eng = planned(0.3)
     prior = eng._spec_ratio(0, 1)
     assert eng._spec_ratio(0, 16) == prior  # nothing measured anywhere: the prior
-    # batch 16 ran 1.5x its prediction: that class learns it (a running mean from the
-    # nearest class's ratio), batch 1 keeps the prior
+    # batch 16 ran 1.5x its prediction: that class learns it, and classes measured nowhere
+    # take the nearest measured class's ratio
     eng._observe_spec_ratio(0, 16, 1.5, 1.0)
-    assert eng._spec_ratio(0, 16) == pytest.approx((prior + 1.5) / 2)
+    assert eng._spec_ratio(0, 16) == pytest.approx(1.5)
     assert eng._spec_ratio(0, 31) == eng._spec_ratio(0, 16)  # the same class
     assert eng._spec_ratio(0, 1) == eng._spec_ratio(0, 16)  # unmeasured: the nearest class's
     eng._observe_spec_ratio(0, 1, 1.0, 1.0)
-    assert eng._spec_ratio(0, 1) == pytest.approx((eng._spec_ratio(0, 16) + 1.0) / 2)
+    assert eng._spec_ratio(0, 1) == pytest.approx(1.0)
     assert eng._spec_ratio(0, 4) == eng._spec_ratio(0, 1)  # nearest: 1 (class 0) before 16
     assert eng._spec_ratio(1, 16) == prior  # beams learn apart from chains
-    for _ in range(30):
+    for _ in range(3):
         eng._observe_spec_ratio(0, 16, 1.2, 1.0)
-    assert eng._spec_ratio(0, 16) == pytest.approx(1.2, abs=0.01)
-    assert eng._spec_ratio(0, 1) < 1.2
+    assert eng._spec_ratio(0, 16) == pytest.approx(1.2)
+    assert eng._spec_ratio(0, 1) == pytest.approx(1.0)
+
+
+def test_one_stalled_speculative_step_moves_the_ratio_nowhere():
+    """The ratio is the lower median of a class's last steps: a step stalled 3x (a busy
+    neighbour) is outvoted at once, where a mean kept the plan plain for many steps."""
+    eng = planned(0.3)
+    for seconds in (1.05, 3.0, 1.1, 1.0, 3.0):  # measured / predicted 1.0 with two stalls
+        eng._observe_spec_ratio(0, 1, seconds, 1.0)
+    assert eng._spec_ratio(0, 1) == pytest.approx(1.1)  # the median of 1.0, 1.05, 1.1
+    eng._observe_spec_ratio(1, 1, 3.0, 1.0)  # a first step that stalled ...
+    eng._observe_spec_ratio(1, 1, 1.0, 1.0)  # ... is outvoted by the next (lower median)
+    assert eng._spec_ratio(1, 1) == pytest.approx(1.0)
+    for _ in range(10):  # a lasting change is followed within the window
+        eng._observe_spec_ratio(0, 1, 1.4, 1.0)
+    assert eng._spec_ratio(0, 1) == pytest.approx(1.4)
+    assert len(eng._spec_ratios[0][0]) == _RATIO_WINDOW
 
 
 def test_plain_steps_measured_at_a_batch_size_price_plain_decoding_there():

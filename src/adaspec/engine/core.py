@@ -113,6 +113,12 @@ _SPEC_TIME_PRIOR = 1.1
 # 16 requests took ~1.2x its prediction where one of a single request took ~1.05x (one
 # ratio over all sizes, learned at batch 1, had Gemma speculate at batch 16 at a loss)
 _RATIO_CLASSES = 8
+# ... each the lower median of its class's last _RATIO_WINDOW steps, as the latency models
+# keep their buckets: one stalled step moves nothing. (A running mean kept a stall for
+# many steps: with the ratio high the plan decodes plainly, and only rare probes measure
+# speculation again. Three busy processes beside two Gemma prompts left both kinds' ratios
+# at 3, and every later request in the process decoded plainly)
+_RATIO_WINDOW = 5
 # a chain may grow this many times the beam's depth (transformers' assisted generation
 # drafts up to 20 tokens; on the shipped SmolLM2 pair confident stretches ran past 8)
 _CHAIN_DEPTHS = 4
@@ -140,8 +146,7 @@ class _Profile:
     catch_up_per_token: float
     accept_trials: Tensor
     accept_hits: Tensor
-    spec_time_ratio: list[list[float]]
-    spec_ratio_steps: list[list[int]]
+    spec_ratios: list[list[list[float]]]
     overhead: list[float]
     calibrator: Calibrator | None
     chain_steps: list[float]
@@ -457,11 +462,11 @@ class Engine:
         # the warm-up's, until a catch-up is measured (None: not timed, a draft on the
         # target's cache never catches up)
         self._draft_prefill_per_token: float | None = None
-        # measured / predicted seconds of speculative steps, and the predicted seconds of the
-        # current plan's first and further draft levels
-        # [kind][batch class] (kind 0: chains, 1: beams); 0.0 where none was measured
-        self._spec_time_ratio = [[0.0] * _RATIO_CLASSES for _ in range(2)]
-        self._spec_ratio_steps = [[0] * _RATIO_CLASSES for _ in range(2)]
+        # measured / predicted seconds of the last _RATIO_WINDOW speculative steps
+        # [kind][batch class] (kind 0: chains, 1: beams); empty where none was measured
+        self._spec_ratios: list[list[list[float]]] = [
+            [[] for _ in range(_RATIO_CLASSES)] for _ in range(2)
+        ]
         # the same for plain steps (0 until one is measured): forwards of one token per request
         # differ from the warm-up's single-request trees and drift from the shared model (its
         # buckets move together as speculative steps observe larger sizes)
@@ -487,6 +492,10 @@ class Engine:
         self._spec_streak = 0
         self._probe_every = _FIRST_PROBE
         self._probed = False  # the last speculative step was a probe
+        # this step's plan prices the draft's levels at the lowest costs seen (a probe);
+        # speculative steps until such a step among planned ones, and the gap after it
+        self._optimistic = False
+        self._cost_probe_wait = self._cost_probe_gap = _PROBE_EVERY
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
@@ -748,8 +757,9 @@ class Engine:
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
         has not seen; it is chosen only when the tokens still to come repay it. While plain
         decoding wins, a chain is probed now and then (exponential back-off) where an upper
-        confidence bound of α says it could pay (and repay its catch-up by the margin), so
-        that α stays current.
+        confidence bound of α says it could pay (and repay its catch-up by the margin) with
+        the forwards priced at the lowest they have cost and ρ at most its prior, so that α
+        and the costs stay current.
         """
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
@@ -801,7 +811,8 @@ class Engine:
         spec_overhead = self._overhead[1] or self._overhead[0]  # before any speculative step
         # the draft's first level forwards each root together with a short backlog (the
         # accepted tokens it has not seen yet) as one right-padded chain per request
-        first = float(self.draft_latency.predict(R * (1 + (backlog if catch_up_s == 0 else 0))))
+        first_tokens = R * (1 + (backlog if catch_up_s == 0 else 0))
+        first = float(self.draft_latency.predict(first_tokens))
 
         # switching to speculation needs the margin; staying with it, only to beat plain
         # decoding (leaving it and coming back would pay a catch-up)
@@ -831,14 +842,29 @@ class Engine:
                     own = self._alphas(i).unsqueeze(1) ** d[: emitted.numel()]  # [R, levels + 1]
                     last = (goal.unsqueeze(1) / own.cumsum(1)).max(0).values
                     straggle = (left / last / emitted).clamp(max=1.0)
-                level = float(self.draft_latency.predict(R * w))
+                # a probe is optimistic about costs too: the draft and the target at the
+                # lowest they have cost, steps at most the prior ratio over the models. (Pessimism learned in
+                # a stall otherwise lasts: a draft timed at 9x during a neighbour's burst, and
+                # speculative steps at 3x, kept Gemma plain for every later request)
+                level = float(self.draft_latency.predict(R * w, best=optimistic))
+                first_w = (
+                    float(self.draft_latency.predict(first_tokens, best=True))
+                    if optimistic
+                    else first
+                )
+                ratio = self._spec_ratio(i, R)
+                if optimistic:
+                    ratio = min(ratio, _SPEC_TIME_PRIOR)
                 # a beam's verification is priced at every node it grows (the auto budget
                 # keeps most of them); pricing it as a chain's made beams look ~10 % cheaper
                 # than they were (Gemma's 262k output layer: 49 ms for 2 rows, 61 for 16)
                 nodes = (R * (1 + d * w)).clamp(max=max(self.config.max_tokens_per_step, R))
-                verify_w = verify_s if w == 1 else self.verify_latency.predict(nodes)
-                predicted = first + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
-                seconds = self._spec_ratio(i, R) * predicted[: levels + 1]
+                if optimistic:
+                    verify_w = self.verify_latency.predict(R * (d + 1), best=True)
+                else:
+                    verify_w = verify_s if w == 1 else self.verify_latency.predict(nodes)
+                predicted = first_w + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
+                seconds = ratio * predicted[: levels + 1]
                 mean_rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
                 rate = mean_rate * straggle
                 k = int(rate[1:].argmax()) + 1
@@ -867,7 +893,7 @@ class Engine:
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
                     # a probe's optimistic rate is no yardstick: it must only beat plain
-                    self._planned = (first, level, plain_rate if optimistic else spec_rate)
+                    self._planned = (first_w, level, plain_rate if optimistic else spec_rate)
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -878,6 +904,21 @@ class Engine:
                 # prediction otherwise drifts with the shared model, fed by trees alone
                 self._spec_streak = 1
                 return 0, width
+            self._cost_probe_wait -= 1
+            if w == 1 and self._cost_probe_wait <= 0 and self._planned is not None:
+                # now and then a chain's levels are priced at the lowest costs seen: a size
+                # timed during a stall (and only then) otherwise keeps chains short for good
+                # (after a burst of busy neighbours, Gemma's 3-16-token verifications stood
+                # at 0.4-0.6 s against ~0.1, and chains stopped at one level)
+                self._cost_probe_gap = min(2 * self._cost_probe_gap, _PROBE_MAX)
+                self._cost_probe_wait = self._cost_probe_gap
+                _, _, long_run = self._planned
+                self._planned = (
+                    float(self.draft_latency.predict(first_tokens, best=True)),
+                    float(self.draft_latency.predict(R, best=True)),
+                    long_run,
+                )
+                self._optimistic = True
             # a chain grows as long as the draft stays confident (see _level_rule)
             return (chain if w == 1 else k), w
         self._spec_streak = 0
@@ -889,7 +930,7 @@ class Engine:
         if self._plain_streak >= self._probe_every:
             # re-probe with a chain, where the acceptance rate's upper bound could pay
             k, w = best(True, [1])
-            self._probed = k > 0
+            self._probed = self._optimistic = k > 0
             return k, w
         return 0, width
 
@@ -980,7 +1021,13 @@ class Engine:
         kind = 0 if width == 1 else 1
         ratio = self._spec_ratio(kind, R)
         cap = self.config.max_tokens_per_step
-        verify = self.verify_latency.predict
+        optimistic = self._optimistic  # a probe: the target at the lowest it has cost
+        if optimistic:
+            ratio = min(ratio, _SPEC_TIME_PRIOR)
+
+        def verify(tokens: float) -> Tensor:
+            return self.verify_latency.predict(tokens, best=optimistic)
+
         plain_rate = self._plain_rate(R)
         calibrator = self.calibrator
         # (Gemma at batch 4: one MT-bench request accepted ~0.7 a level against the pair's
@@ -1058,8 +1105,7 @@ class Engine:
             catch_up_per_token=self._catch_up_per_token,
             accept_trials=self._accept_trials,
             accept_hits=self._accept_hits,
-            spec_time_ratio=self._spec_time_ratio,
-            spec_ratio_steps=self._spec_ratio_steps,
+            spec_ratios=self._spec_ratios,
             overhead=self._overhead,
             calibrator=calibrator,
             chain_steps=self._chain_steps,
@@ -1074,8 +1120,7 @@ class Engine:
         self._prefill_per_token = p.prefill_per_token
         self._catch_up_per_token = p.catch_up_per_token
         self._accept_trials, self._accept_hits = p.accept_trials, p.accept_hits
-        self._spec_time_ratio, self._overhead = p.spec_time_ratio, p.overhead
-        self._spec_ratio_steps = p.spec_ratio_steps
+        self._spec_ratios, self._overhead = p.spec_ratios, p.overhead
         self._chain_steps = p.chain_steps
         if self.calibrator is not None and p.calibrator is not None:
             self.calibrator = p.calibrator
@@ -1252,7 +1297,7 @@ class Engine:
             first, level, _ = self._planned
             predicted = self._spec_seconds(first, level, forwards, n_tokens)
             self._observe_spec_ratio(i, R, t_end - t_beam, predicted)
-        self._planned = None  # this step's plan is spent
+        self._planned, self._optimistic = None, False  # this step's plan is spent
         if caught_up:  # per padded token, beyond one forward's fixed cost
             observed = self.draft_latency.observed
             fixed = float(self.draft_latency.predict(R)) if observed else 0.0
@@ -1328,25 +1373,22 @@ class Engine:
 
     def _spec_ratio(self, kind: int, R: int) -> float:
         """Measured / predicted seconds of speculative steps of ``kind`` at batches of R's
-        class: that class's, else the nearest measured class's (the smaller on a tie),
-        else the prior."""
-        row, c = self._spec_time_ratio[kind], _ratio_class(R)
+        class: the lower median of that class's last steps, else of the nearest measured
+        class's (the smaller on a tie), else the prior."""
+        row, c = self._spec_ratios[kind], _ratio_class(R)
         for d in range(_RATIO_CLASSES):
             for near in (c - d, c + d):
-                if 0 <= near < _RATIO_CLASSES and row[near] > 0.0:
-                    return row[near]
+                if 0 <= near < _RATIO_CLASSES and row[near]:
+                    ratios = sorted(row[near])
+                    return ratios[(len(ratios) - 1) // 2]
         return _SPEC_TIME_PRIOR
 
     def _observe_spec_ratio(self, kind: int, R: int, seconds: float, predicted: float) -> None:
-        """Fold a speculative step's measured / predicted seconds into its batch class's
-        ratio: a running mean over the class's first steps (a new class starts from the
-        nearest class's ratio, worth one step), then decayed."""
-        c = _ratio_class(R)
-        n = self._spec_ratio_steps[kind][c]
-        keep = max(0.5, min(_STATS_DECAY, n / (n + 1)))
-        old = self._spec_ratio(kind, R)
-        self._spec_time_ratio[kind][c] = _mean_ratio(old, seconds, predicted, keep=keep)
-        self._spec_ratio_steps[kind][c] = n + 1
+        """Keep a speculative step's measured / predicted seconds among its batch class's
+        last ``_RATIO_WINDOW``."""
+        ratios = self._spec_ratios[kind][_ratio_class(R)]
+        ratios.append(_ratio(seconds, predicted))
+        del ratios[:-_RATIO_WINDOW]
 
     def _observe_overhead(self, kind: int, seconds: float) -> None:
         """Fold one step's seconds outside the forwards into the decayed mean of its kind."""
