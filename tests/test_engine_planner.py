@@ -7,6 +7,7 @@ import torch
 from adaspec.engine import Engine, EngineConfig
 from adaspec.engine.core import _PROBE_EVERY, _PROFILES, _RATIO_CLASSES, _RATIO_WINDOW
 from adaspec.models import tiny_model
+from adaspec.tree import TokenTree
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +78,8 @@ def test_a_probe_is_priced_at_the_lowest_costs_so_a_stall_is_measured_again():
             eng.verify_latency.observe(n + 1, 5 * (0.050 + 0.001 * n))
         for kind in (0, 1):
             eng._observe_spec_ratio(kind, 1, 3.0, 1.0)
+    for _ in range(3):  # the draft's levels too
+        eng.draft_latency.observe(1, 5 * 0.2 * 0.051)
     eng.verify_latency.observe(1, 0.051)  # plain steps measure the target's 1-token forward
     assert eng._plan_shape(1, 4, 4)[0] == 0  # the stalled costs: plain wins
     eng._plain_streak = eng._probe_every
@@ -88,7 +91,9 @@ def test_a_probe_is_priced_at_the_lowest_costs_so_a_stall_is_measured_again():
     assert first < 2 * 0.2 * 0.051
 
 
-def test_while_speculating_a_chain_now_and_then_prices_its_levels_at_the_lowest_costs():
+def test_while_speculating_a_chain_now_and_then_prices_its_levels_at_the_lowest_costs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Sizes timed only during a stall keep chains short while the plan speculates (no
     probe is due then): every so often a chain's levels are priced at the best costs, with
     the gap doubling each time."""
@@ -98,13 +103,29 @@ def test_while_speculating_a_chain_now_and_then_prices_its_levels_at_the_lowest_
         for n in (4, 8, 16, 32, 64):  # the stall: trees of 4+ tokens timed at 5x
             eng.verify_latency.observe(n, 5 * (0.050 + 0.001 * n))
     probes = []
+    best_asked = []
+    predict = eng.verify_latency.predict
+
+    def spy(tokens: object, *, best: bool = False) -> torch.Tensor:
+        best_asked.append(best)
+        return predict(tokens, best=best)  # type: ignore[arg-type]
+
     for _ in range(3 * _PROBE_EVERY + 1):
         assert eng._plan_shape(1, 4, 1)[0] > 0  # a chain each step
         probes.append(eng._optimistic)
-        if eng._optimistic:  # the draft's levels at their best (1x) cost
-            assert eng._planned is not None
-            assert eng._planned[1] == pytest.approx(0.2 * 0.051)
-        eng._optimistic = False
+        monkeypatch.setattr(eng.verify_latency, "predict", spy)
+        best_asked.clear()
+        stop = eng._level_rule(1, 1)  # the next level's verification: priced how?
+        tree = TokenTree(
+            torch.tensor([[5, 6]]), torch.tensor([[-1, 0]]), torch.tensor([[0.0, -0.1]])
+        )
+        stop(tree, torch.tensor([[1]]))
+        assert (True in best_asked) == eng._optimistic  # (plain decoding: as it is)
+        monkeypatch.undo()
+        if eng._optimistic:  # and the ratio of this step: against the models as they are
+            assert eng._ratio_prices == pytest.approx(
+                (float(eng.draft_latency.predict(5)), float(eng.draft_latency.predict(1)))
+            )
     assert [i for i, p in enumerate(probes) if p] == [_PROBE_EVERY - 1, 3 * _PROBE_EVERY - 1]
 
 

@@ -121,8 +121,12 @@ def test_from_state_dict_round_trips_through_json():
     points = torch.tensor([1.0, 3.0, 16.0, 40.0, 64.0, 200.0])
     assert torch.equal(back.predict(points), lat.predict(points))
     assert back.state_dict() == lat.state_dict()
-    back.observe(16, 0.1)  # a restored bucket is in use: it moves no other
+    for _ in range(3):  # restored buckets are in use: a change of one moves no other
+        back.observe(16, 0.2)
+    assert float(back.predict(16)) == pytest.approx(0.2)
     assert float(back.predict(1)) == pytest.approx(float(lat.predict(1)))
+    older = {k: v for k, v in lat.state_dict().items() if k != "best"}  # states before "best"
+    assert torch.equal(LatencyModel.from_state_dict(older).predict(points), lat.predict(points))
 
 
 def test_from_state_dict_rejects_bad_state():
@@ -139,3 +143,7 @@ def test_from_state_dict_rejects_bad_state():
         LatencyModel.from_state_dict({**state, "samples": {1: [(3.0, -1.0)]}})
     with pytest.raises(ValueError, match="window"):
         LatencyModel.from_state_dict({**state, "window": 0})
+    with pytest.raises(ValueError, match="best"):
+        LatencyModel.from_state_dict({**state, "best": {1: float("nan")}})
+    with pytest.raises(TypeError, match="best"):
+        LatencyModel.from_state_dict({**state, "best": [0.1]})

@@ -69,11 +69,6 @@ _PROBE_MAX = 128
 # draft's confidence until chain steps were measured, and a short request (32 tokens) was
 # over before the eighth plain step (SmolLM2's chains then ran 10-15 tokens a step)
 _FIRST_PROBE = 2
-# at a batch at least twice any plain steps were measured at, this many plain steps come
-# first: they measure what plain decoding costs there (and lose nothing to it). One was
-# not enough: the first plain step after a prefill of 4 Gemma prompts took 98 ms, the next
-# ones 74-91, and the plan priced plain decoding by the slow one and speculated at a loss
-_NEW_BATCH_PLAIN_STEPS = 2
 # until two plain steps were measured at an engine's batch, plain decoding is priced this
 # much faster than the latency model predicts (the warm-up profiles one request; at batch
 # 4 it was 10-30 % off): speculation starts at once only where it wins even so, and
@@ -480,10 +475,12 @@ class Engine:
         # plain step after a prefill of 16 prompts ran at 115 tok/s, the next ones at 135)
         self._plain_seconds: dict[int, tuple[float, int]] = {}
         self._plain_batch = 1  # the largest batch plain steps were measured at (1: none)
-        self._plain_steps_at: dict[int, int] = {}  # batch size -> plain steps run there
+        self._last_plain_size = 0  # the batch size of the last plain step (0: none yet)
         # the plan of this step: its draft's first level and further ones (seconds), and the
         # long-run tokens per second it expects (what a further level must beat)
         self._planned: tuple[float, float, float] | None = None
+        # ... and the first and further levels as the draft's latency model prices them now
+        self._ratio_prices: tuple[float, float] | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         # decayed sums over chain steps: tokens emitted per request, levels grown, steps
         self._chain_steps = [0.0, 0.0, 0.0]
@@ -759,8 +756,10 @@ class Engine:
         decoding wins, a chain is probed now and then (exponential back-off) where an upper
         confidence bound of α says it could pay (and repay its catch-up by the margin) with
         the forwards priced at the lowest they have cost and ρ at most its prior, so that α
-        and the costs stay current.
+        and the costs stay current; while speculating, a chain now and then (after 8, 16,
+        32, ... chains) grows its levels at those prices too.
         """
+        self._optimistic = False
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
         # a chain may grow to _CHAIN_DEPTHS times the beam's depth: the draft's confidence
@@ -778,8 +777,10 @@ class Engine:
         if 2 * self._plain_batch <= R:
             # the latency models rest on other batch sizes (the warm-up's one request): at
             # Gemma's batch 4 they priced a plain step 1.4x slower than it ran, and the plan
-            # speculated at a 6 % loss. Plain steps measure it (and lose nothing); a
-            # batch growing request by request pays _NEW_BATCH_PLAIN_STEPS per doubling
+            # speculated at a 6 % loss. Two plain steps measure it (and lose nothing; one
+            # was not enough: the first plain step after a prefill of 4 Gemma prompts took
+            # 98 ms, the next ones 74-91, and priced by it the plan speculated at a loss);
+            # a batch growing request by request pays two per doubling
             self._planned = None
             return 0, width
         cap = min(cap, left)
@@ -842,9 +843,9 @@ class Engine:
                     own = self._alphas(i).unsqueeze(1) ** d[: emitted.numel()]  # [R, levels + 1]
                     last = (goal.unsqueeze(1) / own.cumsum(1)).max(0).values
                     straggle = (left / last / emitted).clamp(max=1.0)
-                # a probe is optimistic about costs too: the draft and the target at the
-                # lowest they have cost, steps at most the prior ratio over the models. (Pessimism learned in
-                # a stall otherwise lasts: a draft timed at 9x during a neighbour's burst, and
+                # a probe is optimistic about costs too: the draft and the target at the lowest they
+                # have cost, steps at most the prior ratio over the models. (Pessimism learned in a
+                # stall otherwise lasts: a draft timed at 9x during a neighbour's burst, and
                 # speculative steps at 3x, kept Gemma plain for every later request)
                 level = float(self.draft_latency.predict(R * w, best=optimistic))
                 first_w = (
@@ -860,7 +861,9 @@ class Engine:
                 # than they were (Gemma's 262k output layer: 49 ms for 2 rows, 61 for 16)
                 nodes = (R * (1 + d * w)).clamp(max=max(self.config.max_tokens_per_step, R))
                 if optimistic:
-                    verify_w = self.verify_latency.predict(R * (d + 1), best=True)
+                    verify_w = self.verify_latency.predict(
+                        R * (d + 1) if w == 1 else nodes, best=True
+                    )
                 else:
                     verify_w = verify_s if w == 1 else self.verify_latency.predict(nodes)
                 predicted = first_w + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
@@ -894,6 +897,8 @@ class Engine:
                     top_rate, top = spec_rate, (k, w)
                     # a probe's optimistic rate is no yardstick: it must only beat plain
                     self._planned = (first_w, level, plain_rate if optimistic else spec_rate)
+                    # ρ compares a step with the models as they are, a probe's too
+                    self._ratio_prices = (first, float(self.draft_latency.predict(R * w)))
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -904,7 +909,7 @@ class Engine:
                 # prediction otherwise drifts with the shared model, fed by trees alone
                 self._spec_streak = 1
                 return 0, width
-            self._cost_probe_wait -= 1
+            self._cost_probe_wait -= w == 1  # (chains only: a beam's levels are priced apart)
             if w == 1 and self._cost_probe_wait <= 0 and self._planned is not None:
                 # now and then a chain's levels are priced at the lowest costs seen: a size
                 # timed during a stall (and only then) otherwise keeps chains short for good
@@ -1292,9 +1297,10 @@ class Engine:
             req.hits[i] = _STATS_DECAY * req.hits[i] + a
         self._observe_overhead(1, (t_select - t_draft) + (t_end - t_verify))
         predicted = 0.0
-        if self._planned is not None and tunings() == tuned:
+        if self._planned is not None and self._ratio_prices is not None and tunings() == tuned:
             # what the models predict for the levels really grown and nodes really verified
-            first, level, _ = self._planned
+            # (as they are: a probe's best prices would skew ρ by how far they are off)
+            first, level = self._ratio_prices
             predicted = self._spec_seconds(first, level, forwards, n_tokens)
             self._observe_spec_ratio(i, R, t_end - t_beam, predicted)
         self._planned, self._optimistic = None, False  # this step's plan is spent
@@ -1360,11 +1366,11 @@ class Engine:
                 old, n = self._plain_seconds.get(R, (seconds, 0))
                 new = min(old, seconds) if n < 2 else _mean(old, seconds, keep=0.7)
                 self._plain_seconds[R] = (new, n + 1)
-        # measured at this batch after _NEW_BATCH_PLAIN_STEPS plain steps there (a step
-        # that timed new kernel plans counts too: the next one times none)
-        self._plain_steps_at[R] = self._plain_steps_at.get(R, 0) + 1
-        if self._plain_steps_at[R] >= _NEW_BATCH_PLAIN_STEPS:
-            self._plain_batch = max(self._plain_batch, R)
+        # measured up to the smaller of the last two plain steps' batches (a step that
+        # timed new kernel plans counts too: the next one times none)
+        if self._last_plain_size:
+            self._plain_batch = max(self._plain_batch, min(R, self._last_plain_size))
+        self._last_plain_size = R
         self._plain_streak += 1
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start

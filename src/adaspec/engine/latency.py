@@ -27,10 +27,10 @@ class LatencyModel:
     then decoded plainly and never re-measured it.) When one bucket's median moves by a
     factor, the buckets not measured in the last ``4 * window`` observations move with it
     (by the mean log-change of the buckets in use): costs of all sizes drift together as
-    contexts grow or the machine gets busier, while only the sizes in use are measured. (Buckets in use keep their own
-    measurements: at batch 16 the first verifications of 32 tokens took 4x the warm-up's
-    single-prompt forward, and moving the plain steps' bucket along priced plain decoding
-    at half its speed.)
+    contexts grow or the machine gets busier, while only the sizes in use are measured.
+    (Buckets in use keep their own measurements: at batch 16 the first verifications of
+    32 tokens took 4x the warm-up's single-prompt forward, and moving the plain steps'
+    bucket along priced plain decoding at half its speed.)
     :meth:`predict` interpolates linearly between the buckets, made non-decreasing, and
     extrapolates past the last bucket with the last segment's slope (or proportionally,
     with a single bucket); ``predict(n, best=True)`` does the same over the lowest value
@@ -38,8 +38,9 @@ class LatencyModel:
     has not run lately (a draft timed during a stall, and used only when it looks cheap,
     is otherwise never timed again; a bucket a workload rarely reaches keeps a stall's
     samples: after a burst of busy neighbours, Gemma's 16-token verifications stood at
-    530 ms for the rest of a run, against ~100, and priced every chain past 7 levels out). AdaServe profiles the target the same way (a table of verified
-    tokens -> latency, interpolated).
+    530 ms for the rest of a run, against ~100, and priced every chain past 7 levels
+    out). AdaServe profiles the target the same way (a table of verified tokens ->
+    latency, interpolated).
 
     Args:
         grid: ascending token counts that centre the buckets.
@@ -196,8 +197,15 @@ class LatencyModel:
                 model._samples[b] = kept
                 model._last[b] = 0
                 model._best[b] = model._seconds(b)
-        for key, seconds in state.get("best", {}).items():  # (older states have none)
+        best = state.get("best", {})  # (older states have none)
+        if not isinstance(best, Mapping):
+            raise TypeError(f"state['best'] must be a mapping, got {type(best).__name__}")
+        for key, seconds in best.items():
             b = int(key)
-            if b in model._best and 0 <= seconds < math.inf:
-                model._best[b] = min(model._best[b], float(seconds))
+            if b not in model._samples or not 0 <= seconds < math.inf:
+                raise ValueError(
+                    f"state['best'] needs finite seconds >= 0 for buckets with samples, "
+                    f"got {seconds!r} for bucket {key!r}"
+                )
+            model._best[b] = min(model._best[b], float(seconds))
         return model
