@@ -814,6 +814,7 @@ class Engine:
         # accepted tokens it has not seen yet) as one right-padded chain per request
         first_tokens = R * (1 + (backlog if catch_up_s == 0 else 0))
         first = float(self.draft_latency.predict(first_tokens))
+        first_best = float(self.draft_latency.predict(first_tokens, best=True))  # (probes)
 
         # switching to speculation needs the margin; staying with it, only to beat plain
         # decoding (leaving it and coming back would pay a catch-up)
@@ -848,11 +849,7 @@ class Engine:
                 # stall otherwise lasts: a draft timed at 9x during a neighbour's burst, and
                 # speculative steps at 3x, kept Gemma plain for every later request)
                 level = float(self.draft_latency.predict(R * w, best=optimistic))
-                first_w = (
-                    float(self.draft_latency.predict(first_tokens, best=True))
-                    if optimistic
-                    else first
-                )
+                first_w = first_best if optimistic else first
                 ratio = self._spec_ratio(i, R)
                 if optimistic:
                     ratio = min(ratio, _SPEC_TIME_PRIOR)
@@ -918,11 +915,8 @@ class Engine:
                 self._cost_probe_gap = min(2 * self._cost_probe_gap, _PROBE_MAX)
                 self._cost_probe_wait = self._cost_probe_gap
                 _, _, long_run = self._planned
-                self._planned = (
-                    float(self.draft_latency.predict(first_tokens, best=True)),
-                    float(self.draft_latency.predict(R, best=True)),
-                    long_run,
-                )
+                level = float(self.draft_latency.predict(R, best=True))
+                self._planned = (first_best, level, long_run)
                 self._optimistic = True
             # a chain grows as long as the draft stays confident (see _level_rule)
             return (chain if w == 1 else k), w

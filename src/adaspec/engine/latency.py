@@ -122,9 +122,8 @@ class LatencyModel:
                 seconds = self._seconds(k)
                 if best:
                     seconds = min(self._best.get(k, math.inf), seconds)
-                # a forward of more tokens never costs less. (Nor more per token, one would
-                # think; but the buckets mix plain and tree forwards: at batch 16, trees of
-                # 32 tokens took 2.5x plain steps of 16)
+                # a forward of more tokens never costs less (not "nor more per token": the
+                # buckets mix plain steps and tree forwards, whose costs per token differ)
                 ys.append(max(seconds, ys[-1]) if ys else seconds)
             self._fits[best] = (xs, ys)
         return self._fits[best]
