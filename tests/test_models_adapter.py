@@ -25,6 +25,7 @@ from adaspec.models import (
     tiny_model,
     tree_forward,
 )
+from adaspec.models.adapter import _new_cache, _shared_cache
 from adaspec.models.vocab import SubsetHead
 from adaspec.tree import SubTree, TokenTree, build_optimal, path_to
 from tests.models_oracles import (
@@ -56,6 +57,56 @@ def prompts_of(gen: torch.Generator, lengths: list[int]) -> list[list[int]]:
 def pad_paths(paths: list[list[int]]) -> torch.Tensor:
     width = max(1, *(len(p) for p in paths))
     return torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.int64)
+
+
+def test_cache_layers_append_into_spare_slots_and_read_as_concatenation() -> None:
+    """Updates write into a buffer's spare slots (no copy of the cache per forward), crops
+    and replaced tensors are honoured, and every read equals DynamicCache's concatenation."""
+    gen = torch.Generator().manual_seed(0)
+    cache = _new_cache()
+    want = torch.zeros(2, 3, 0, 4)
+    views = []
+    for step, q in enumerate([5, 1, 1, 3, 70, 1, 2]):
+        new = torch.randn(2, 3, q, 4, generator=gen)
+        keys, values = cache.update(new, -new, 0)
+        want = torch.cat([want, new], 2)
+        assert torch.equal(keys, want)
+        assert torch.equal(values, -want)
+        views.append(keys)  # (kept: no buffer is freed and its address reused)
+        layer = cache_layers(cache)[0]
+        if step == 2:  # a crop (as after a rejected tree): the next update overwrites
+            layer.keys, layer.values = layer.keys[:, :, :4], layer.values[:, :, :4]
+            want = want[:, :, :4]
+        if step == 5:  # a tensor that is not the buffer's view: copied into a new buffer
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    # 5 + 64 spare slots held the first 4 updates; 70 more needed a new buffer; the clone
+    # a third one
+    buffers = [v.data_ptr() for v in views]
+    assert len(set(buffers[:4])) == 1
+    assert len(set(buffers[4:6])) == 1
+    assert len(set(buffers)) == 3
+
+
+def test_a_shared_cache_never_writes_its_owner() -> None:
+    gen = torch.Generator().manual_seed(1)
+
+    def kv(q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(2, 1, q, 4, generator=gen), torch.randn(2, 1, q, 4, generator=gen)
+
+    owner = _new_cache()
+    owner.update(*kv(6), 0)
+    before = cache_layers(owner)[0].keys.clone()
+    ptr = cache_layers(owner)[0].keys.data_ptr()
+    shared = _shared_cache(owner)
+    keys, _ = shared.update(*kv(3), 0)
+    shared.update(*kv(2), 0)
+    assert torch.equal(cache_layers(owner)[0].keys, before)
+    assert torch.equal(cache_layers(shared)[0].keys[:, :, :6], before)
+    # the owner still appends into its own spare slots, which the shared cache never wrote
+    grown = cache_layers(shared)[0].keys.clone()
+    owner.update(*kv(1), 0)
+    assert torch.equal(cache_layers(shared)[0].keys, grown)
+    assert cache_layers(owner)[0].keys.data_ptr() == ptr != keys.data_ptr()
 
 
 @pytest.mark.parametrize("key", KEYS, ids=IDS)

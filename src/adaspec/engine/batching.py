@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
 from adaspec.models import KVState
-from adaspec.models.adapter import _crop, _extend, _layers
+from adaspec.models.adapter import _crop, _extend, _layers, _new_cache
 from adaspec.models.vocab import subset_scores
 
 __all__ = [
@@ -50,7 +49,7 @@ def concat_states(first: KVState | None, second: KVState) -> KVState:
         y: Tensor = getattr(like, name)
         return y.new_zeros(n, y.shape[1], S, y.shape[3])
 
-    cache = DynamicCache()
+    cache = _new_cache()
     for i, like in enumerate(a or b):
         keys = [
             slots(a, like, first.num_requests, i, "keys"),

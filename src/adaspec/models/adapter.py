@@ -14,6 +14,11 @@ transformers appends new keys at the end of the cache (slot S), so after each fo
 new entries are moved to ``lens[r] + pending + q``, where the layout above wants them; the
 attention of that forward already saw them at the end, with the mask built for that.
 
+The cache layers append into spare slots of a larger buffer (``_SlackLayer``) rather
+than concatenating: a ``DynamicCache`` copies every layer's whole cache at each forward,
+which a step of several draft levels and a verification pays several times (Gemma-3 270M,
+32 requests of ~150 tokens: 14 ms of a 236-ms decode step).
+
 Masks are additive float (0 visible, the dtype's minimum hidden) of shape
 (R, 1, Q, S + Q). A boolean 4D mask is silently wrong with eager attention in
 transformers, so none is ever passed. Models with sliding-window layers (Gemma-2/3) get a
@@ -27,17 +32,90 @@ place and never keep references to it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from adaspec.kernels import compact_kv_layers
 from adaspec.tree import TokenTree, ancestor_mask
 
 __all__ = ["KVState", "commit", "prefill", "tree_forward"]
+
+
+class _SlackLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # (transformers' hook)
+    """A ``DynamicLayer`` that appends into spare slots instead of concatenating.
+
+    ``keys`` and ``values`` are (R, H, S, D) views of the first S slots of (R, H, C, D)
+    buffers, C >= S. An update of Q slots writes them into slots S .. S + Q - 1 of the
+    buffer when they fit and the tensors are still those views (shortening them by slicing,
+    as a crop does, keeps them views); otherwise it copies everything into a new buffer
+    with about a quarter (at least 64 slots) to spare. A crop followed by an update thus
+    overwrites the dropped slots: a tensor taken from the layer before is a view, not a
+    snapshot (clone it to keep it).
+    """
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._slack: dict[str, Tensor] = {}
+        self.keys = self._append("keys", self.keys, key_states)
+        self.values = self._append("values", self.values, value_states)
+        return self.keys, self.values
+
+    def _append(self, name: str, old: Tensor | None, new: Tensor) -> Tensor:
+        Q = new.shape[-2]
+        kept = old if old is not None and old.dim() == 4 else None  # (empty before any update)
+        buffer = self._slack.get(name)
+        if kept is not None and buffer is not None and _prefix_view(kept, buffer, Q):
+            S = kept.shape[-2]
+            buffer[:, :, S : S + Q].copy_(new)
+            return buffer[:, :, : S + Q]
+        S = 0 if kept is None else kept.shape[-2]
+        R, H, _, D = new.shape
+        buffer = new.new_empty(R, H, S + Q + max(64, (S + Q) // 4), D)
+        if kept is not None:
+            buffer[:, :, :S].copy_(kept)
+        buffer[:, :, S : S + Q].copy_(new)
+        self._slack[name] = buffer
+        return buffer[:, :, : S + Q]
+
+
+def _prefix_view(x: Tensor, buffer: Tensor, extra: int) -> bool:
+    """Whether ``x`` is the first slots of ``buffer`` (same rows, heads, dims) with room for
+    ``extra`` more."""
+    return (
+        x.data_ptr() == buffer.data_ptr()
+        and x.stride() == buffer.stride()
+        and x.shape[:2] == buffer.shape[:2]
+        and x.shape[3] == buffer.shape[3]
+        and x.dtype == buffer.dtype
+        and x.shape[2] + extra <= buffer.shape[2]
+    )
+
+
+def _new_cache() -> DynamicCache:
+    """An empty ``DynamicCache`` whose layers are ``_SlackLayer`` (created on first use)."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _SlackLayer
+    return cache
+
+
+def _shared_cache(cache: DynamicCache) -> DynamicCache:
+    """A cache over the same tensors as ``cache`` whose updates never write them: its layers
+    forget their spare slots, so the first update copies into buffers of their own."""
+    shared = copy.copy(cache)
+    shared.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in shared.layers:
+        if isinstance(layer, _SlackLayer) and layer.is_initialized:
+            layer._slack = {}
+    return shared
 
 
 @dataclass(eq=False)
@@ -73,7 +151,7 @@ class KVState:
             raise ValueError(f"num_requests must be an int >= 1, got {num_requests!r}")
         dev = torch.device(device)
         return cls(
-            DynamicCache(),
+            _new_cache(),
             torch.zeros(num_requests, dtype=torch.int64, device=dev),
             0,
             torch.zeros(num_requests, 0, dtype=torch.int64, device=dev),
@@ -98,7 +176,7 @@ class KVState:
             raise ValueError(f"rows must lie in [0, {self.num_requests}), got {idx.tolist()}")
         lens = self.lens[idx]
         keep = int(lens.max()) + self.pending
-        cache = DynamicCache()
+        cache = _new_cache()
         for i, layer in enumerate(_layers(self)):
             cache.update(layer.keys[idx, :, :keep].clone(), layer.values[idx, :, :keep].clone(), i)
         return KVState(cache, lens, self.pending, self.pending_pos[idx], self.backlog[idx])

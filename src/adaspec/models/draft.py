@@ -20,7 +20,6 @@ plain steps, no commit, no backlog.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -35,6 +34,7 @@ from adaspec.models.adapter import (
     _extend,
     _forward_block,
     _layers,
+    _shared_cache,
     commit,
     prefill,
 )
@@ -237,8 +237,9 @@ def commit_draft(state: KVState, draft_tree: DraftTree, accepted: Tensor) -> Ten
 def share_prefix(state: KVState) -> KVState:
     """A state over the same committed prefix as ``state``, sharing its cache tensors.
 
-    Forwards into the new state (:func:`grow_draft_tree`) append to it alone: caches grow
-    by concatenation into new tensors, so ``state`` is never written. Costs no copy.
+    Forwards into the new state (:func:`grow_draft_tree`) append to it alone: its first
+    forward copies the cache into tensors of its own (as a ``DynamicCache``'s
+    concatenation would), so ``state`` is never written. Sharing itself costs no copy.
     ``state`` must have no pending tree and no backlog (a target's state between steps).
 
     Example
@@ -256,10 +257,12 @@ def share_prefix(state: KVState) -> KVState:
         raise ValueError("state has an uncommitted tree; call commit() first")
     if bool((state.backlog >= 0).any()):
         raise ValueError("state has a backlog of uncached tokens; share a target's state")
-    cache = copy.copy(state.cache)
-    cache.layers = [copy.copy(layer) for layer in state.cache.layers]
     return KVState(
-        cache, state.lens.clone(), 0, state.pending_pos[:, :0].clone(), state.backlog[:, :0]
+        _shared_cache(state.cache),
+        state.lens.clone(),
+        0,
+        state.pending_pos[:, :0].clone(),
+        state.backlog[:, :0],
     )
 
 
