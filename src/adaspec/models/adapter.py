@@ -178,7 +178,8 @@ class KVState:
         keep = int(lens.max()) + self.pending
         cache = _new_cache()
         for i, layer in enumerate(_layers(self)):
-            cache.update(layer.keys[idx, :, :keep].clone(), layer.values[idx, :, :keep].clone(), i)
+            # (indexing rows copies; the update copies once more, into a buffer with slack)
+            cache.update(layer.keys[idx, :, :keep], layer.values[idx, :, :keep], i)
         return KVState(cache, lens, self.pending, self.pending_pos[idx], self.backlog[idx])
 
 
