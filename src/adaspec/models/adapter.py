@@ -17,7 +17,7 @@ attention of that forward already saw them at the end, with the mask built for t
 The cache layers append into spare slots of a larger buffer (``_SlackLayer``) rather
 than concatenating: a ``DynamicCache`` copies every layer's whole cache at each forward,
 which a step of several draft levels and a verification pays several times (Gemma-3 270M,
-32 requests of ~150 tokens: 14 ms of a 236-ms decode step).
+32 requests of ~150 tokens: a decode step took 215 ms with it, 202 without).
 
 Masks are additive float (0 visible, the dtype's minimum hidden) of shape
 (R, 1, Q, S + Q). A boolean 4D mask is silently wrong with eager attention in
