@@ -8,7 +8,7 @@ Greedy, identical prompts (MT-bench first turns, HumanEval prompts), every metho
 run, methods taking turns (the machine is shared: tables 1-2 report the median of
 ``--repeats`` rounds; in table 2 each round runs target-only ``generate`` first, then the
 three engines in an order shifted by one seat per round, and its ratios are the medians of
-each round's own ratios). Three tables per pair:
+each round's own ratios, then the ratios of the medians). Three tables per pair:
 
 1. batch 1: tokens/s and τ of adaspec.generate, target-only ``generate`` and transformers'
    assisted generation with the same draft (``assistant_model=``);
@@ -195,14 +195,16 @@ def bench_pair(name: str, args: argparse.Namespace, rows: dict[str, list[dict[st
                 n_same = min(n_same, sum(a == r for a, r in same_seqs))
         med = {k: statistics.median(v) for k, v in runs.items()}
         # ratios within a round (minutes apart at most), then their median: the machine's
-        # speed drifts between rounds by more than speculation gains at large batches
+        # speed drifts between rounds by more than speculation gains at large batches (the
+        # ratio of the medians follows in parentheses: with 3 rounds they differ by ~0.1)
         vs_base = statistics.median(m / r for m, r in zip(runs["mine"], runs["base"], strict=True))
         vs_plain = statistics.median(
             m / r for m, r in zip(runs["mine"], runs["plain"], strict=True)
         )
         print(
             f"| {b} | {med['base']:.2f} | {med['plain']:.2f} | {med['own']:.2f} | "
-            f"{med['mine']:.2f} | {vs_base:.2f}x | {vs_plain:.2f}x | "
+            f"{med['mine']:.2f} | {vs_base:.2f}x ({med['mine'] / med['base']:.2f}x) | "
+            f"{vs_plain:.2f}x ({med['mine'] / med['plain']:.2f}x) | "
             f"{statistics.median(tau_runs):.2f} | {n_same}/{b} |"
         )
         rows["batch"].append(

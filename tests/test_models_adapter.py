@@ -195,10 +195,14 @@ def test_commit_leaves_the_cache_of_a_plain_decode(key: tuple[str, str]) -> None
     gen = torch.Generator().manual_seed(1)
     seqs = prompts_of(gen, [2, 9, 5])
     state, _ = prefill(model, seqs)
-    for step in range(4):
-        trees = [random_tree(gen, n, VOCAB) for n in (6, 1 + step, 4)]
+    buffers = set()
+    for step in range(60):
+        if step >= 4 and len(buffers) > 1:  # (until the cache outgrew its first buffer)
+            break
+        trees = [random_tree(gen, n, VOCAB) for n in (9, 1 + step % 4, 4)]
         tree = TokenTree.stack(trees)
         tree_forward(model, tree, state)
+        buffers.add(cache_layers(state)[0].keys.data_ptr())
         paths = [random_path(gen, t) for t in trees]
         before = state.lens.clone()
         new = commit(state, pad_paths(paths))
@@ -212,12 +216,29 @@ def test_commit_leaves_the_cache_of_a_plain_decode(key: tuple[str, str]) -> None
         for layer, (k, v) in zip(cache_layers(state), plain_cache(model, seq), strict=True):
             torch.testing.assert_close(layer.keys[r, :, : len(seq)], k, atol=1e-5, rtol=0)
             torch.testing.assert_close(layer.values[r, :, : len(seq)], v, atol=1e-5, rtol=0)
+    assert len(buffers) > 1  # the layers moved to a larger buffer mid-run
     nxt = torch.tensor([[3], [4], [5]])
     out = tree_forward(model, TokenTree(nxt, torch.full((3, 1), -1), torch.zeros(3, 1)), state)
     for r, seq in enumerate(seqs):
         torch.testing.assert_close(
             out[r, 0], plain_logits(model, [*seq, int(nxt[r, 0])])[-1], atol=ATOL, rtol=0
         )
+
+
+def test_a_state_made_in_inference_mode_grows_outside_it() -> None:
+    """A cache buffer made under torch.inference_mode() cannot be written outside it: the
+    layer copies into a new buffer instead (as concatenation did)."""
+    model = MODELS[KEYS[0]]
+    prompts = prompts_of(torch.Generator().manual_seed(3), [4, 7])
+    with torch.inference_mode():
+        state, logits = prefill(model, prompts)
+    roots = logits.argmax(-1)
+    tree = TokenTree(roots.unsqueeze(1), torch.full((2, 1), -1), torch.zeros(2, 1))
+    out = tree_forward(model, tree, state)
+    commit(state, torch.full((2, 1), -1))
+    for r, p in enumerate(prompts):
+        want = plain_logits(model, [*p, int(roots[r])])[-1]
+        torch.testing.assert_close(out[r, 0], want, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])

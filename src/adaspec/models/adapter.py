@@ -59,12 +59,16 @@ class _SlackLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # (transforme
     snapshot (clone it to keep it).
     """
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._slack: dict[str, Tensor] = {}
+
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self._slack: dict[str, Tensor] = {}
+            self._slack = {}
         self.keys = self._append("keys", self.keys, key_states)
         self.values = self._append("values", self.values, value_states)
         return self.keys, self.values
@@ -73,7 +77,11 @@ class _SlackLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # (transforme
         Q = new.shape[-2]
         kept = old if old is not None and old.dim() == 4 else None  # (empty before any update)
         buffer = self._slack.get(name)
-        if kept is not None and buffer is not None and _prefix_view(kept, buffer, Q):
+        # (a buffer made under torch.inference_mode() is written only under it)
+        writable = buffer is not None and (
+            not buffer.is_inference() or torch.is_inference_mode_enabled()
+        )
+        if kept is not None and buffer is not None and writable and _prefix_view(kept, buffer, Q):
             S = kept.shape[-2]
             buffer[:, :, S : S + Q].copy_(new)
             return buffer[:, :, : S + Q]

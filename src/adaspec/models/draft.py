@@ -240,6 +240,9 @@ def share_prefix(state: KVState) -> KVState:
     Forwards into the new state (:func:`grow_draft_tree`) append to it alone: its first
     forward copies the cache into tensors of its own (as a ``DynamicCache``'s
     concatenation would), so ``state`` is never written. Sharing itself costs no copy.
+    Until that first forward the view reads ``state``'s tensors: grow it before ``state``
+    runs another forward (a forward after ``state`` dropped a token would overwrite the
+    view's last slot).
     ``state`` must have no pending tree and no backlog (a target's state between steps).
 
     Example
