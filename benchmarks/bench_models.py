@@ -12,7 +12,10 @@ Prints three tables:
    i.i.d. acceptance, (1 + a + ... + a^k) / (k c + v(k + 1)), v(n) the measured cost of
    a target forward of n tokens relative to one decode step;
 3. (``--linear`` alone) F.linear against each way of :class:`adaspec.models.fast.FastLinear`
-   for the layer shapes of the shipped pairs, by row count.
+   for the layer shapes of the shipped pairs, by row count;
+4. (``--cache`` alone) one target decode step and one draft level of R real prompts with
+   adaspec's cache layers (appending into spare slots) against transformers'
+   ``DynamicCache`` (appending by concatenation), alternating, by batch size.
 
 Run: ``python benchmarks/bench_models.py`` (``--help`` for options). Timings are medians;
 nothing is asserted.
@@ -21,6 +24,7 @@ nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import statistics
@@ -223,6 +227,54 @@ def linear_table(repeats: int) -> None:
             print(f"{f'{out_f}x{in_f}':>14} {way:>10} " + " ".join(cells))
 
 
+def concatenating(state: KVState) -> KVState:
+    """The same state in transformers' own ``DynamicCache``, which appends by concatenation."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    layers: list[Any] = list(state.cache.layers)
+    for i, layer in enumerate(layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), i)
+    return KVState(
+        cache, state.lens.clone(), state.pending, state.pending_pos.clone(), state.backlog.clone()
+    )
+
+
+def cache_table(name: str, batches: list[int], repeats: int) -> None:
+    from adaspec.models.vocab import subset_scores
+
+    target, draft, tok = load_pair(name)
+    texts = [q["turns"][0] for q in mtbench_questions()] + humaneval_prompts()
+    print(
+        f"\n{name}: one forward of 1 token per request after R real prompts, adaspec's cache "
+        f"layers vs DynamicCache, alternating (median ms of {repeats})"
+    )
+    print(f"{'model':>7} {'R':>4} {'prefix':>7} {'DynamicCache':>13} {'adaspec':>9} {'ratio':>6}")
+    for R in batches:
+        prompts = [chat_prompt_ids(tok, t) for t in texts[:R]]
+        for label, model in (("target", target), ("draft", draft)):
+            ours, _ = prefill(model, prompts)
+            states = {"concat": concatenating(ours), "slack": ours}
+            tree = TokenTree(
+                torch.full((R, 1), 1), torch.full((R, 1), -1), torch.zeros(R, 1), validate=False
+            )
+            times: dict[str, list[float]] = {k: [] for k in states}
+            # (a draft level scores its own columns only, as grow_draft_tree runs it)
+            with subset_scores(model) if model is draft else contextlib.nullcontext():
+                for rep in range(repeats + 1):
+                    for key in list(states)[:: 1 if rep % 2 else -1]:
+                        state = copy.deepcopy(states[key])
+                        start = time.perf_counter()
+                        tree_forward(model, tree, state)
+                        if rep > 0:  # (the first round warms up)
+                            times[key].append(time.perf_counter() - start)
+            a, b = (statistics.median(times[k]) for k in states)
+            print(
+                f"{label:>7} {R:>4} {int(ours.lens.max()):>7} {a * 1e3:>13.1f} "
+                f"{b * 1e3:>9.1f} {b / a:>6.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
@@ -235,10 +287,16 @@ def main() -> None:
     parser.add_argument("--skip-forward", action="store_true")
     parser.add_argument("--skip-drafts", action="store_true")
     parser.add_argument("--linear", action="store_true", help="only the linear-layer table")
+    parser.add_argument("--cache", action="store_true", help="only the KV-cache table")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 32], help="(--cache)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.linear:
         linear_table(args.repeats)
+        return
+    if args.cache:
+        for name in args.pairs:
+            cache_table(name, args.batches, args.repeats)
         return
     for name in args.pairs:
         if not args.skip_forward:
