@@ -195,7 +195,7 @@ def test_commit_leaves_the_cache_of_a_plain_decode(key: tuple[str, str]) -> None
     gen = torch.Generator().manual_seed(1)
     seqs = prompts_of(gen, [2, 9, 5])
     state, _ = prefill(model, seqs)
-    buffers = set()
+    buffers: set[int] = set()
     for step in range(60):
         if step >= 4 and len(buffers) > 1:  # (until the cache outgrew its first buffer)
             break
