@@ -15,7 +15,10 @@ Prints three tables:
    for the layer shapes of the shipped pairs, by row count;
 4. (``--cache`` alone) one target decode step and one draft level of R real prompts with
    adaspec's cache layers (appending into spare slots) against transformers'
-   ``DynamicCache`` (appending by concatenation), alternating, by batch size.
+   ``DynamicCache`` (appending by concatenation), alternating, by batch size;
+5. (``--argmax`` alone) one target forward of R real prompts x N tree nodes returning
+   every logit (``tree_forward``) against returning the argmaxes only (``tree_argmax``,
+   a bfloat16 pass screened by a proven bound), alternating; the argmaxes must agree.
 
 Run: ``python benchmarks/bench_models.py`` (``--help`` for options). Timings are medians;
 nothing is asserted.
@@ -43,8 +46,10 @@ from adaspec.models import (
     load_pair,
     make_draft,
     prefill,
+    tree_argmax,
     tree_forward,
 )
+from adaspec.models.greedy import greedy_head
 from adaspec.models.prompts import chat_prompt_ids, humaneval_prompts, mtbench_questions
 from adaspec.tree import TokenTree
 
@@ -275,6 +280,41 @@ def cache_table(name: str, batches: list[int], repeats: int) -> None:
             )
 
 
+def argmax_table(name: str, shapes: list[tuple[int, int]], repeats: int) -> None:
+    target, _, tok = load_pair(name)
+    texts = [q["turns"][0] for q in mtbench_questions()] + humaneval_prompts()
+    gen = torch.Generator().manual_seed(0)
+    V = int(target.config.vocab_size)
+    print(
+        f"\n{name}: one target forward of R real prompts x N tree nodes, every logit "
+        f"(tree_forward) vs the argmaxes (tree_argmax), alternating (median ms of {repeats})"
+    )
+    print(f"{'R x N':>8} {'tree_forward':>13} {'tree_argmax':>12} {'ratio':>6} {'differ':>7}")
+    for R, N in shapes:
+        base, first = prefill(target, [chat_prompt_ids(tok, t) for t in texts[:R]])
+        roots = first.argmax(-1).tolist()
+        tree = TokenTree.stack([star_tree(r, N, V, gen) for r in roots])
+        ways = {"forward": tree_forward, "argmax": tree_argmax}
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        out: dict[str, torch.Tensor] = {}
+        for rep in range(repeats + 1):
+            for key in list(ways)[:: 1 if rep % 2 else -1]:
+                state = copy.deepcopy(base)
+                start = time.perf_counter()
+                out[key] = ways[key](target, tree, state)
+                if rep > 0:  # (the first round warms up)
+                    times[key].append(time.perf_counter() - start)
+        a, b = (statistics.median(times[k]) for k in ways)
+        differ = int((out["forward"].argmax(-1) != out["argmax"])[tree.valid].sum())
+        print(f"{f'{R} x {N}':>8} {a * 1e3:>13.1f} {b * 1e3:>12.1f} {b / a:>6.2f} {differ:>7}")
+    head = greedy_head(target.get_output_embeddings())
+    if head is not None and head.rows:
+        print(
+            f"float32 logits recomputed per row: {head.candidates / head.rows:.1f} "
+            f"(rows projected in full: {head.full_rows} of {head.rows})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
@@ -289,6 +329,13 @@ def main() -> None:
     parser.add_argument("--linear", action="store_true", help="only the linear-layer table")
     parser.add_argument("--cache", action="store_true", help="only the KV-cache table")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 32], help="(--cache)")
+    parser.add_argument("--argmax", action="store_true", help="only the greedy-argmax table")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["1x1", "4x1", "4x10", "16x1", "16x6", "32x1", "32x4"],
+        help="(--argmax) R x N",
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.linear:
@@ -297,6 +344,11 @@ def main() -> None:
     if args.cache:
         for name in args.pairs:
             cache_table(name, args.batches, args.repeats)
+        return
+    if args.argmax:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+        for name in args.pairs:
+            argmax_table(name, [(r, n) for r, n in shapes], args.repeats)
         return
     for name in args.pairs:
         if not args.skip_forward:

@@ -22,6 +22,7 @@ MODULES = [
     "adaspec.models.adapter",
     "adaspec.models.draft",
     "adaspec.models.fast",
+    "adaspec.models.greedy",
     "adaspec.models.tiny",
 ]
 

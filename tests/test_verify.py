@@ -11,7 +11,7 @@ from torch import Tensor
 
 from adaspec.kernels import compact_kv
 from adaspec.tree import TokenTree
-from adaspec.verify import SpecStats, VerifyResult, sample_children, verify
+from adaspec.verify import SpecStats, VerifyResult, sample_children, verify, verify_greedy
 
 
 # ---------------------------------------------------------------------- random trees
@@ -127,6 +127,38 @@ def test_greedy_is_longest_argmax_path_on_random_trees(V: int, ties: bool) -> No
         assert int(res.bonus[r]) == emitted[-1]
         assert int(res.last_node[r]) == (acc[-1] if acc else 0)
     assert int(res.num_accepted.max()) >= 2  # the oracle comparison is not vacuous
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_greedy_from_argmaxes_is_the_brute_force_path(ties: bool) -> None:
+    g = torch.Generator().manual_seed(11 + ties)
+    trees = [
+        random_tree(g, int(torch.randint(1, 24, (1,), generator=g)), 37, ties=ties)
+        for _ in range(99)
+    ]
+    tree, logits = batch(trees, 37, ties)
+    chosen = logits.nan_to_num(0.0).argmax(-1).masked_fill(~tree.valid, -1)  # [R, N]
+    res = verify_greedy(tree, chosen)
+    for r, (parents, tokens) in enumerate(trees):
+        assert as_lists(res, r) == greedy_oracle(parents, tokens, 37, ties)
+    ref = verify(tree, logits)
+    for name in ("accepted", "emitted", "bonus", "last_node", "num_draft_tokens"):
+        assert torch.equal(getattr(res, name), getattr(ref, name)), name
+    assert int(res.num_accepted.max()) >= 2
+
+
+def test_greedy_from_argmaxes_rejects_bad_input() -> None:
+    tree = TokenTree([2, 1, 2, 0], [-1, 0, 0, 1], [0.0, -0.1, -0.2, -0.3])
+    with pytest.raises(TypeError, match="target_argmax"):
+        verify_greedy(tree, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"target_argmax must have shape \(R, N\) = \(1, 4\)"):
+        verify_greedy(tree, torch.zeros(1, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="tree"):
+        verify_greedy([[2, 1]], torch.zeros(1, 4, dtype=torch.int64))  # type: ignore[arg-type]
+    # a row with no choice is an error only where verification reads it
+    with pytest.raises(ValueError, match="node 1 of request 0 has no choice"):
+        verify_greedy(tree, torch.tensor([[1, -1, 5, 2]]))
+    assert verify_greedy(tree, torch.tensor([[0, -1, -1, -1]])).emitted.tolist() == [[0, -1, -1]]
 
 
 def test_greedy_accepts_low_precision_logits() -> None:

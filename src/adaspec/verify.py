@@ -64,6 +64,7 @@ __all__ = [
     "VerifyResult",
     "sample_children",
     "verify",
+    "verify_greedy",
 ]
 
 
@@ -678,6 +679,64 @@ def verify(
     return _verify(
         tree, target_logits, temperature, top_k, top_p, draft_probs, None, generator, uniforms
     )
+
+
+def verify_greedy(tree: TokenTree, target_argmax: Tensor) -> VerifyResult:
+    """Greedy verification from the target's chosen tokens: :func:`verify` at temperature 0
+    for an engine that never materializes the logits.
+
+    Parameters
+    ----------
+    tree : TokenTree
+        The selected trees, R rows of N nodes (padding allowed).
+    target_argmax : Tensor
+        (R, N) integer: entry i is the argmax of the target's logits after node i's path
+        (e.g. :func:`adaspec.models.tree_argmax`); -1 marks a row with no choice (a target
+        output that was not finite), an error where verification reads it. Padding nodes'
+        entries are never read.
+
+    Returns
+    -------
+    VerifyResult
+        As :func:`verify` with ``temperature=0`` on logits with these argmaxes.
+
+    Example
+    -------
+    >>> import torch
+    >>> from adaspec.tree import TokenTree
+    >>> tree = TokenTree([2, 1, 2, 0], [-1, 0, 0, 1], [0.0, -0.1, -0.2, -0.3])
+    >>> verify_greedy(tree, torch.tensor([[1, 0, 5, 2]])).emitted.tolist()
+    [[1, 0, 2]]
+    """
+    if not isinstance(tree, TokenTree):
+        raise TypeError(f"tree must be an adaspec.tree.TokenTree, got {type(tree).__name__}")
+    if not isinstance(target_argmax, Tensor) or target_argmax.dtype.is_floating_point:
+        raise TypeError("target_argmax must be an integer torch.Tensor of shape (R, N)")
+    R, N = tree.tokens.shape
+    if target_argmax.shape != (R, N):
+        raise ValueError(
+            f"target_argmax must have shape (R, N) = ({R}, {N}) to match the tree, "
+            f"got {tuple(target_argmax.shape)}"
+        )
+    if target_argmax.device != tree.device:
+        raise ValueError(
+            f"target_argmax is on {target_argmax.device} but the tree is on {tree.device}"
+        )
+    chosen = target_argmax.to(torch.int64)
+
+    def choose(rows: Tensor, nodes: Tensor) -> Tensor:
+        y = chosen[rows, nodes]  # [A]
+        bad = y < 0
+        if bool(bad.any()):
+            a = int(bad.nonzero()[0])
+            raise ValueError(
+                f"target_argmax: node {int(nodes[a])} of request {int(rows[a])} has no choice "
+                f"({int(y[a])}): the target's output there was not finite"
+            )
+        return y
+
+    last, bonus = _walk_trie(tree, choose)
+    return _result(tree, last, bonus)
 
 
 def sample_children(

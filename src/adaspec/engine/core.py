@@ -6,6 +6,7 @@ One :meth:`Engine.step`:
     tokens_needed from each request's SLO clock               -> needs
     select under the step's token budget                      -> selected trees
     tree_forward of the target over every selected tree       -> target logits
+                                                                 (tree_argmax: greedy)
     verify (greedy, or sampled with the deterministic-children rule)
     commit the accepted paths into both caches, emit tokens, update clocks and models
 
@@ -47,13 +48,14 @@ from adaspec.models import (
     prefill,
     share_prefix,
     shares_cache,
+    tree_argmax,
     tree_forward,
 )
 from adaspec.models.fast import tunings
 from adaspec.models.vocab import subset_scores
 from adaspec.select import select, tokens_needed
 from adaspec.tree import TokenTree
-from adaspec.verify import SpecStats, VerifyResult, sample_children, verify
+from adaspec.verify import SpecStats, VerifyResult, sample_children, verify, verify_greedy
 
 __all__ = ["SLO", "Engine", "EngineConfig", "RequestOutput", "RequestStats", "RunStats"]
 
@@ -1060,7 +1062,8 @@ class Engine:
                     times = []
                     for run in range(3):  # the first run warms up (and tunes FastLinears)
                         t0, tuned = time.perf_counter(), tunings()
-                        tree_forward(model, tree, state)
+                        # (the target as a greedy step runs it: most steps are)
+                        (tree_argmax if model is self.target else tree_forward)(model, tree, state)
                         if run > 0 and tunings() == tuned:
                             times.append(time.perf_counter() - t0)
                         commit(state, torch.full((1, 1), -1, dtype=torch.int64))
@@ -1246,14 +1249,14 @@ class Engine:
         t_select = time.perf_counter()
 
         # 3. one target forward over every selected tree
-        logits = tree_forward(self.target, sel.tree, self._target_state)  # [R, M, V]
+        scores = self._target_forward(sel.tree, greedy)  # [R, M, V] or [R, M] argmaxes
         t_verify = time.perf_counter()
         n_tokens = int(sel.num_selected.sum())
         if tunings() == tuned_draft:
             self.verify_latency.observe(n_tokens, t_verify - t_select)
 
         # 4. verification, then keep the accepted paths in both caches
-        res = self._verify(sel.tree, logits, temperature, top_k, top_p, greedy)
+        res = self._verify(sel.tree, scores, temperature, top_k, top_p, greedy)
         commit(self._target_state, res.accepted)
         if self._draft_state is not None:
             commit_draft(self._draft_state, dtree, map_accepted(res.accepted, sel.kept))
@@ -1330,11 +1333,11 @@ class Engine:
             roots.unsqueeze(1), torch.full((R, 1), -1), torch.zeros(R, 1), validate=False
         )
         t_start, tuned = time.perf_counter(), tunings()
-        logits = tree_forward(self.target, tree, self._target_state)  # [R, 1, V]
+        scores = self._target_forward(tree, greedy)  # [R, 1, V] or [R, 1] argmaxes
         t_verify = time.perf_counter()
         if tunings() == tuned:
             self.verify_latency.observe(R, t_verify - t_start)
-        res = self._verify(tree, logits, temperature, top_k, top_p, greedy)
+        res = self._verify(tree, scores, temperature, top_k, top_p, greedy)
         commit(self._target_state, res.accepted)
         if self._draft_state is not None:
             append_backlog(self._draft_state, roots)  # the draft never saw these roots
@@ -1394,17 +1397,26 @@ class Engine:
         """Fold one step's seconds outside the forwards into the decayed mean of its kind."""
         self._overhead[kind] = _mean(self._overhead[kind], seconds)
 
+    def _target_forward(self, tree: TokenTree, greedy: bool) -> Tensor:
+        """The target over ``tree``: (R, N) argmaxes when every request is greedy (the
+        output layer's exact choice without all its logits), else (R, N, V) logits."""
+        assert self._target_state is not None
+        forward = tree_argmax if greedy else tree_forward
+        return forward(self.target, tree, self._target_state)
+
     def _verify(
         self,
         tree: TokenTree,
-        logits: Tensor,
+        scores: Tensor,
         temperature: float | Tensor,
         top_k: Tensor | None,
         top_p: Tensor | None,
         greedy: bool,
     ) -> VerifyResult:
+        """``scores``: what :meth:`_target_forward` gave for ``greedy``."""
         if greedy:
-            return verify(tree, logits)
+            return verify_greedy(tree, scores)
+        logits = scores
         # each request draws from its own generator, so its result does not depend on the batch
         uniforms = torch.stack(
             [

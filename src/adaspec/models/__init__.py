@@ -12,7 +12,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'adaspec[models]'"
     ) from e
 
-from adaspec.models.adapter import KVState, commit, prefill, tree_forward
+from adaspec.models.adapter import KVState, commit, prefill, tree_argmax, tree_forward
 from adaspec.models.draft import (
     DraftTree,
     commit_draft,
@@ -21,6 +21,7 @@ from adaspec.models.draft import (
     share_prefix,
     shares_cache,
 )
+from adaspec.models.greedy import GreedyHead
 from adaspec.models.loading import (
     PAIRS,
     MissingModelPackageError,
@@ -35,6 +36,7 @@ from adaspec.models.tiny import tiny_model
 __all__ = [
     "PAIRS",
     "DraftTree",
+    "GreedyHead",
     "KVState",
     "MissingModelPackageError",
     "ModelPair",
@@ -50,5 +52,6 @@ __all__ = [
     "share_prefix",
     "shares_cache",
     "tiny_model",
+    "tree_argmax",
     "tree_forward",
 ]

@@ -133,6 +133,8 @@ class FastLinear(nn.Module):
         if source != self._source:  # a new, moved, cast or updated weight: copies are stale
             self._copies, self._source, self._chosen = {}, source, {}
         rows = x.numel() // max(x.shape[-1], 1)
+        if rows == 0:  # (no packed copy for nothing: the engine's greedy forwards)
+            return x.new_empty(*x.shape[:-1], self.out_features)
         way = self._chosen.get(rows)
         if way is None:
             way = self._plan(rows) if 0 < rows <= _MAX_TUNED_ROWS else "packed"
