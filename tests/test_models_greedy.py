@@ -6,6 +6,8 @@ and tree_forward's logits; near-ties far below bfloat16's resolution are built o
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from adaspec.models import (
     tree_argmax,
     tree_forward,
 )
+from adaspec.models import greedy as greedy_module
 from adaspec.models.fast import FastLinear, optimize_for_cpu
 from adaspec.models.greedy import greedy_head
 from adaspec.tree import TokenTree
@@ -106,6 +109,7 @@ def test_bad_input() -> None:
 
 
 def test_greedy_head_is_kept_rebuilt_and_declined() -> None:
+    live = len(greedy_module._HEADS)
     lin = nn.Linear(16, 600, bias=False)
     first = greedy_head(lin)
     assert first is not None
@@ -117,7 +121,18 @@ def test_greedy_head_is_kept_rebuilt_and_declined() -> None:
     assert second is not first
     h = torch.randn(3, 16)
     assert torch.equal(second(h), exact_argmax(h, lin.weight.detach()))
-    assert greedy_head(FastLinear(lin)) is not None
+    wide = nn.Linear(16, 5000, bias=False)
+    with torch.no_grad():  # nearly equal rows: every token is a candidate
+        wide.weight.copy_(1 + 1e-3 * torch.randn(5000, 16))
+    fast = FastLinear(wide)
+    kept = greedy_head(fast)
+    assert kept is not None
+    h = torch.randn(3, 16)
+    assert torch.equal(kept(h), exact_argmax(h, wide.weight.detach()))
+    assert kept.full_rows == 3  # projected by the layer itself
+    del kept, fast
+    gc.collect()
+    assert len(greedy_module._HEADS) == live + 1  # lin's: fast's head did not keep it alive
     assert greedy_head(nn.Linear(16, 600)) is None  # a bias
     assert greedy_head(nn.Linear(16, 600, bias=False, dtype=torch.bfloat16)) is None
     assert greedy_head(nn.Embedding(600, 16)) is None

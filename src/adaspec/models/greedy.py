@@ -28,6 +28,7 @@ recomputation and of the reference logits themselves.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ __all__ = ["GreedyHead", "greedy_head"]
 _U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _U32 = 2.0**-24  # of float32
 _CHUNK = 1024  # vocabulary slice whose maximum screens it for candidates
-_MAX_CANDIDATES = 4096  # more in a row (a degenerate, nearly flat row): project it in full
+_MAX_CANDIDATES = 4096  # more in a row: project it in full (recomputing one costs ~3 us)
 
 
 class GreedyHead:
@@ -49,6 +50,11 @@ class GreedyHead:
         (V, H) float32 output-layer weights (no bias), finite. Read once: the bfloat16 copy
         and the norms are made here (a changed weight needs a new GreedyHead;
         :func:`greedy_head` rebuilds its cached one when the weight changes).
+    project : callable, optional
+        (M, H) float32 -> (M, V) float32 logits, for the rare row with too many candidates
+        to recompute one by one (a nearly flat row, or a hidden state of unusual norm: the
+        bound grows with it): the layer itself, whose kernels stream a few rows quicker
+        than ``hidden @ weight.T`` does. Default: that product.
 
     ``head(hidden)``: (..., H) float -> (...) int64, the index of each row's largest logit
     (ties: the lowest); -1 for a row that is not finite.
@@ -68,7 +74,7 @@ class GreedyHead:
     True
     """
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, project: Callable[[Tensor], Tensor] | None = None) -> None:
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError("weight must be a 2-D torch.Tensor of shape (V, H)")
         if weight.dtype != torch.float32:
@@ -80,6 +86,7 @@ class GreedyHead:
             if not bool(torch.isfinite(w).all()):
                 raise ValueError("weight must be finite")
             self.weight = w  # [V, H] float32, shared with the model
+            self._project = project if project is not None else self._product
             V, H = w.shape
             low = w.to(torch.bfloat16)
             lin = nn.Linear(H, V, bias=False, dtype=torch.bfloat16, device=w.device)
@@ -132,12 +139,15 @@ class GreedyHead:
             pick = pick.scatter_reduce(0, cand_row, winner, "amin")
             if bool(full.any()):
                 where = full.nonzero().squeeze(1)
-                pick[where] = (x[where] @ self.weight.T).argmax(1)
+                pick[where] = self._project(x[where]).float().argmax(1)
             out = torch.where(finite, pick, out)
             self.rows += M
             self.candidates += int(cand_tok.numel())
             self.full_rows += int(full.sum())
         return out.reshape(lead)
+
+    def _product(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T
 
     def _bar(self, x: Tensor, low: Tensor, top: Tensor) -> Tensor:
         """(M,) the smallest bfloat16 logit a row's argmax can have (see the module doc)."""
@@ -183,6 +193,14 @@ def greedy_head(module: nn.Module) -> GreedyHead | None:
     source = (id(weight), weight.data_ptr(), weight._version)
     kept = _HEADS.get(module)
     if kept is None or kept[0] != source:
-        kept = (source, GreedyHead(weight))
+        layer = weakref.ref(module)  # (a strong one would keep the key alive)
+
+        def project(x: Tensor) -> Tensor:
+            alive = layer()
+            assert alive is not None  # (the head is only reached through its layer)
+            out: Tensor = alive(x)
+            return out
+
+        kept = (source, GreedyHead(weight, project=project))
         _HEADS[module] = kept
     return kept[1]
