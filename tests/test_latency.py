@@ -147,3 +147,21 @@ def test_from_state_dict_rejects_bad_state():
         LatencyModel.from_state_dict({**state, "best": {1: float("nan")}})
     with pytest.raises(TypeError, match="best"):
         LatencyModel.from_state_dict({**state, "best": [0.1]})
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_one_count_is_predicted_as_in_a_tensor(seed):
+    # (a number takes a plain-float path: bit for bit the tensor path's arithmetic)
+    g = torch.Generator().manual_seed(seed)
+    for buckets in (1, 2, 6):
+        lat = LatencyModel()
+        for n in torch.randint(1, 600, (buckets * 3,), generator=g).tolist():
+            lat.observe(n, float(torch.rand((), generator=g)) * 0.3)
+        counts = [0.0, 0.5, 1.0, 3.0, 7.5, 31.0, 64.0, 333.0, 1e4]
+        for best in (False, True):
+            batch = lat.predict(torch.tensor(counts, dtype=torch.float64), best=best)
+            for c, b in zip(counts, batch.tolist(), strict=True):
+                one = lat.predict(c, best=best)
+                assert one.dtype == torch.float64
+                assert one.shape == ()
+                assert float(one) == b

@@ -175,3 +175,13 @@ def test_tree_argmax_without_a_usable_output_layer_takes_the_logits() -> None:
     a, _ = prefill(model, [[1, 2, 3]])
     b, _ = prefill(model, [[1, 2, 3]])
     assert torch.equal(tree_argmax(model, tree, a), tree_forward(model, tree, b).argmax(-1))
+
+
+def test_prefill_argmax_is_the_argmax_of_its_logits() -> None:
+    model = tiny_model("gemma3", seed=6, vocab_size=3000)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    a, first = prefill(model, prompts, argmax=True)
+    b, logits = prefill(model, prompts)
+    assert first.dtype == torch.int64
+    assert torch.equal(first, logits.argmax(-1))
+    assert torch.equal(a.lens, b.lens)

@@ -660,9 +660,19 @@ class Engine:
         first, padded, start = [], 0, 0
         joined: KVState | None = None
         for group in groups:
-            part = prompts[start : start + len(group)]
-            state, logits = prefill(self.target, part)  # logits [len(group), V]
-            first += self._first_tokens(new[start : start + len(group)], logits)
+            part, reqs = prompts[start : start + len(group)], new[start : start + len(group)]
+            if all(r.temperature == 0 for r in reqs):  # (greedy: no logits needed)
+                state, tokens = prefill(self.target, part, argmax=True)  # [len(group)]
+                if bool((tokens < 0).any()):
+                    bad = reqs[int((tokens < 0).nonzero()[0])]
+                    raise ValueError(
+                        f"the target's logits after the prompt of request {bad.id} are not "
+                        "finite (NaN or inf)"
+                    )
+                first += [int(t) for t in tokens.tolist()]
+            else:
+                state, logits = prefill(self.target, part)  # logits [len(group), V]
+                first += self._first_tokens(reqs, logits)
             joined = concat_states(joined, state)
             padded += len(part) * max(len(p) for p in part)
             start += len(group)

@@ -16,6 +16,15 @@ __all__ = ["LatencyModel"]
 _DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 
 
+def _interpolate(t: float, xs: list[float], ys: list[float]) -> float:
+    """:meth:`LatencyModel.predict` of one token count, in the same float64 arithmetic."""
+    if len(xs) == 1:
+        return ys[0] * max(t, 1.0) / xs[0] if xs[0] > 0 else ys[0]
+    i = min(max(bisect.bisect_left(xs, t), 1), len(xs) - 1)  # right end of the segment
+    slope = (ys[i] - ys[i - 1]) / max(xs[i] - xs[i - 1], 1e-9)
+    return max(ys[i - 1] + slope * (t - xs[i - 1]), 0.0)
+
+
 class LatencyModel:
     """Piecewise-linear latency over token counts, fitted online from measured steps.
 
@@ -134,6 +143,8 @@ class LatencyModel:
         if not self.observed:
             raise ValueError("the latency model has no observations yet; call observe() first")
         xs_l, ys_l = self._points(best)
+        if not isinstance(tokens, Tensor):  # one count (most calls): plain floats, the same
+            return torch.tensor(_interpolate(float(tokens), xs_l, ys_l), dtype=torch.float64)
         t = torch.as_tensor(tokens, dtype=torch.float64)
         xs = torch.tensor(xs_l, dtype=torch.float64)
         ys = torch.tensor(ys_l, dtype=torch.float64)

@@ -408,13 +408,18 @@ def _as_chains(
 
 
 def _extend(
-    model: nn.Module, state: KVState, chains: Tensor, counts: Tensor, keep_last: bool
+    model: nn.Module,
+    state: KVState,
+    chains: Tensor,
+    counts: Tensor,
+    keep_last: bool,
+    argmax: bool = False,
 ) -> Tensor:
     """Append per-request chains of tokens after each prefix; logits at each chain's last token.
 
     With ``keep_last`` the last token of each chain stays pending as node 0 (a tree root);
     otherwise the whole chain is committed. Returns (R, V) float32 logits (the output
-    module's width, see :func:`_forward_block`).
+    module's width, see :func:`_forward_block`), or with ``argmax`` their (R,) int64 argmax.
     """
     if state.pending != 0:
         raise ValueError("the state has an uncommitted tree; call commit() first")
@@ -429,11 +434,15 @@ def _extend(
     # only each chain's last position needs logits: project those rows alone (or, for a
     # model without an output-embedding module, the K <= R distinct last indices)
     if _output_head(model) is not None:
-        out = _forward_block(model, state, chains, positions, visible, row_last=counts - 1)[:, 0]
+        out = _forward_block(
+            model, state, chains, positions, visible, row_last=counts - 1, argmax=argmax
+        )[:, 0]
     else:
         last, which = torch.unique(counts - 1, return_inverse=True)
         logits = _forward_block(model, state, chains, positions, visible, last)  # [R, K, V]
         out = logits[torch.arange(R, device=dev), which]  # [R, V]
+        if argmax:
+            out = _argmax(out)
     if keep_last:
         state.lens = state.lens + counts - 1
         state.pending = 1
@@ -450,6 +459,8 @@ def prefill(
     model: nn.Module,
     prompts: Tensor | list[list[int]] | list[Tensor],
     state: KVState | None = None,
+    *,
+    argmax: bool = False,
 ) -> tuple[KVState, Tensor]:
     """Forward R prompts of different lengths into a (new) cache; logits at each last token.
 
@@ -460,12 +471,16 @@ def prefill(
         The tokens to append to each request's cache (the whole prompt for a new state).
     state : KVState, optional
         Extend this state instead of starting an empty one (it must have no pending tree).
+    argmax : bool
+        Return the logits' (R,) int64 argmax instead (ties: the lowest id; -1 for a row
+        that is not finite), chosen as :func:`tree_argmax` chooses: a greedy first token
+        without projecting every logit in float32.
 
     Returns
     -------
     (KVState, Tensor)
         The state (lens increased by each prompt's length) and the (R, V) float32 logits of
-        the next token after each prompt.
+        the next token after each prompt (or, with ``argmax``, their (R,) argmax).
 
     Example
     -------
@@ -484,7 +499,7 @@ def prefill(
         raise ValueError(
             f"prompts has {chains.shape[0]} requests but the state has {state.num_requests}"
         )
-    return state, _extend(model, state, chains, counts, keep_last=False)
+    return state, _extend(model, state, chains, counts, keep_last=False, argmax=argmax)
 
 
 def tree_forward(model: nn.Module, tree: TokenTree, state: KVState) -> Tensor:
