@@ -7,6 +7,7 @@ and tree_forward's logits; near-ties far below bfloat16's resolution are built o
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 import torch
@@ -185,3 +186,50 @@ def test_prefill_argmax_is_the_argmax_of_its_logits() -> None:
     assert first.dtype == torch.int64
     assert torch.equal(first, logits.argmax(-1))
     assert torch.equal(a.lens, b.lens)
+
+
+def near_tie_rows(V: int, H: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights where token 1731 % V beats a twin by 1e-4 relative, and rows that see it."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, H, generator=g) / 8
+    h = torch.randn(4, H, generator=g)
+    best = 1731 % V
+    w[best] = h[0] / h[0].norm() * 2
+    w[(best + 1) % V] = w[best] * (1 - 1e-4)
+    return w, h
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-12, 1.0, 1e12])
+def test_extreme_row_scales_keep_the_bound(scale: float) -> None:
+    # (float32 norms of such rows under- or overflowed: the bound collapsed, or was NaN)
+    w, h = near_tie_rows(3000, 64, seed=7)
+    x = h * scale
+    assert torch.equal(GreedyHead(w)(x), exact_argmax(x, w))
+
+
+def test_extreme_weights_and_logits() -> None:
+    g = torch.Generator().manual_seed(8)
+    tiny = torch.randn(1500, 16, generator=g) * 1e-30  # huge rows, tiny weights
+    x = torch.randn(2, 16, generator=g) * 1e20
+    assert torch.equal(GreedyHead(tiny)(x), exact_argmax(x, tiny))
+    low = torch.ones(1500, 16) * 1e18  # logits near -3.4e38, still finite
+    low[7] *= 0.5
+    assert GreedyHead(low)(-torch.ones(2, 16) * 2.1e19).tolist() == [7, 7]
+    # logits that overflow have no choice, as the full projection's argmax says
+    big = torch.randn(5000, 16, generator=g) * 1e20
+    assert GreedyHead(big)(torch.ones(2, 16) * 1e20).tolist() == [-1, -1]
+
+
+def test_softcapped_logits_take_the_full_projection() -> None:
+    # softcapping (monotone) can turn float32 near-ties into exact ties, which the
+    # model's own argmax breaks by the lowest id: such models are not screened
+    model: Any = tiny_model("gemma3", seed=9, vocab_size=3000)
+    model.config.final_logit_softcapping = 1.0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # every capped logit saturates to 1.0
+    tree = TokenTree([7, 8, 9], [-1, 0, 0], [0.0, -0.5, -1.0])
+    a, _ = prefill(model, [[1, 2, 3]])
+    b, _ = prefill(model, [[1, 2, 3]])
+    live = len(greedy_module._HEADS)
+    assert torch.equal(tree_argmax(model, tree, a), tree_forward(model, tree, b).argmax(-1))
+    assert len(greedy_module._HEADS) == live  # no head was made for it

@@ -292,14 +292,16 @@ def _forward_block(
         )
 
     head = _output_head(model) if row_last is not None or argmax else None
-    chooser = greedy_head(head) if argmax and head is not None else None
+    chooser = greedy_head(head) if argmax and head is not None and _raw_logits(model) else None
     handle = None
     fired: list[bool] = []
     captured: list[Tensor] = []  # the output layer's input, when the chooser replaces it
     if head is not None and (row_last is not None or chooser is not None):
         rows = torch.arange(R, device=dev)
 
-        def pick_rows(_: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        def pick_rows(_: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+            if not args or args[0].dim() != 3:  # not the (R, Q, H) call this expects
+                return None
             fired.append(True)
             h = args[0]
             if row_last is not None:
@@ -353,6 +355,19 @@ def _forward_block(
             f"of shape {tuple(logits.shape)}; pass row_last=None for this model"
         )
     return _argmax(logits) if argmax else logits
+
+
+def _raw_logits(model: nn.Module) -> bool:
+    """Whether the model's logits are its output layer's, untransformed: softcapping or a
+    logit scale, monotone as they are, can turn float32 near-ties into exact ties, which
+    the argmax of the transformed logits breaks by the lowest id (Gemma-2's softcapping).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return False
+    return all(
+        getattr(config, name, None) in (None, 1) for name in ("logit_scale", "logits_scaling")
+    )
 
 
 def _argmax(logits: Tensor) -> Tensor:
@@ -545,8 +560,9 @@ def tree_argmax(model: nn.Module, tree: TokenTree, state: KVState) -> Tensor:
     bias (``nn.Linear`` or :class:`~adaspec.models.fast.FastLinear`) is then never
     projected in full: a :class:`~adaspec.models.greedy.GreedyHead` chooses from a
     bfloat16 pass with a proven error bound (half the bytes; Gemma-3 270M's forward of
-    4 trees of 10 nodes is about a fifth quicker). Assumes the model's logits increase
-    with its output layer's (softcapping and positive scaling do).
+    4 trees of 10 nodes is about a fifth quicker). A model whose config softcaps or
+    scales its logits (monotone, but able to turn float32 near-ties into exact ties) is
+    projected in full, as is one whose output layer is not on the CPU.
 
     Example
     -------

@@ -92,9 +92,10 @@ class GreedyHead:
             lin = nn.Linear(H, V, bias=False, dtype=torch.bfloat16, device=w.device)
             lin.weight = nn.Parameter(low, requires_grad=False)
             self._proxy = FastLinear(lin)
-            w_norm = w.norm(dim=1).max()
-            low_norm = low.float().norm(dim=1).max()
-            err_norm = (w - low.float()).norm(dim=1).max()
+            # (norms in float64: float32 ones of extreme weights under- or overflow)
+            w_norm = w.double().norm(dim=1).max()
+            low_norm = low.double().norm(dim=1).max()
+            err_norm = (w.double() - low.double()).norm(dim=1).max()
             self._norms = (float(w_norm), float(low_norm), float(err_norm))
         self.rows = self.candidates = self.full_rows = 0
 
@@ -118,18 +119,19 @@ class GreedyHead:
             # each chunk's maximum screens it: candidates lie in chunks that reach the bar
             pad = (-V) % _CHUNK
             padded = torch.nn.functional.pad(y, (0, pad), value=float("-inf")) if pad else y
-            chunk_max = padded.view(M, -1, _CHUNK).amax(2).float()  # [M, V / CHUNK]
+            chunk_max = padded.view(M, -1, _CHUNK).amax(2).double()  # [M, V / CHUNK]
             top = chunk_max.amax(1)  # [M]
-            bar = self._bar(x, low, top)  # [M]
+            bar = self._bar(x, low, top)  # [M] float64
             rows, chunks = (chunk_max >= bar.unsqueeze(1)).nonzero(as_tuple=True)
-            block = padded.view(M, -1, _CHUNK)[rows, chunks].float()  # [B, CHUNK]
+            block = padded.view(M, -1, _CHUNK)[rows, chunks].double()  # [B, CHUNK]
             b, offset = (block >= bar[rows].unsqueeze(1)).nonzero(as_tuple=True)
             cand_row = rows[b]
             cand_tok = chunks[b] * _CHUNK + offset  # [K]
             counts = torch.bincount(cand_row, minlength=M)
-            # rows with too many candidates (or an overflowing proxy): projected in full
-            full = (counts > _MAX_CANDIDATES) | ~torch.isfinite(top)
-            keep = ~full[cand_row]
+            # rows with too many candidates, or whose proxy or bound is not finite (an
+            # overflow): projected in full
+            full = (counts > _MAX_CANDIDATES) | ~torch.isfinite(bar)
+            keep = ~full[cand_row] & (cand_tok < V)  # (never the last chunk's padding)
             cand_row, cand_tok = cand_row[keep], cand_tok[keep]
             exact = (self.weight[cand_tok] * x[cand_row]).sum(1)  # [K] float32
             best = torch.full((M,), float("-inf"), device=x.device)
@@ -137,9 +139,14 @@ class GreedyHead:
             winner = torch.where(exact == best[cand_row], cand_tok, V)
             pick = torch.full((M,), V, dtype=torch.int64, device=x.device)
             pick = pick.scatter_reduce(0, cand_row, winner, "amin")
+            # as for the full logits: no choice where the best logit is not finite
+            pick = torch.where(torch.isfinite(best), pick, -1)
             if bool(full.any()):
                 where = full.nonzero().squeeze(1)
-                pick[where] = self._project(x[where]).float().argmax(1)
+                logits = self._project(x[where]).float()
+                top_full, choice = logits.max(1)
+                bad = torch.isnan(logits).any(1) | ~torch.isfinite(top_full)
+                pick[where] = choice.masked_fill(bad, -1)
             out = torch.where(finite, pick, out)
             self.rows += M
             self.candidates += int(cand_tok.numel())
@@ -150,16 +157,17 @@ class GreedyHead:
         return x @ self.weight.T
 
     def _bar(self, x: Tensor, low: Tensor, top: Tensor) -> Tensor:
-        """(M,) the smallest bfloat16 logit a row's argmax can have (see the module doc)."""
+        """(M,) float64 the smallest bfloat16 logit a row's argmax can have (see the module
+        doc), in float64: float32 norms of tiny or huge rows under- or overflow."""
         w_norm, low_norm, err_norm = self._norms
         H = x.shape[1]
         g = 2 * H * _U32 / (1 - 2 * H * _U32)
-        lowf = low.float()
-        x_norm, low_x, err_x = x.norm(dim=1), lowf.norm(dim=1), (x - lowf).norm(dim=1)
+        xd, lowd = x.double(), low.double()
+        x_norm, low_x, err_x = xd.norm(dim=1), lowd.norm(dim=1), (xd - lowd).norm(dim=1)
         # the proxy's error, and (2 g |x| |w|) the float32 error of the recomputed logits
         # and of the reference's own, so that near-ties are screened as the bound says
         c = err_x * w_norm + low_x * err_norm + g * low_x * low_norm + 2 * g * x_norm * w_norm
-        c = c * (1 + 1e-3) + 1e-30  # (the bound's own float32 arithmetic)
+        c = c * (1 + 1e-3) + 1e-30  # (slack: this arithmetic's rounding, flushed denormals)
         r = _U / (1 - _U) * (1 + 1e-3)
         least = top - r * top.abs() - c
         bar: Tensor = least - (r * least.abs() + c) / (1 - r)
@@ -175,8 +183,11 @@ def greedy_head(module: nn.Module) -> GreedyHead | None:
     """The :class:`GreedyHead` of a model's output layer, made on first use and kept.
 
     Returns None where the shortcut does not apply: a layer that is not a linear one
-    (``nn.Linear`` or :class:`~adaspec.models.fast.FastLinear`), has a bias, or is not
-    float32. The kept head is rebuilt when the weight is replaced or changed in place.
+    (``nn.Linear`` or :class:`~adaspec.models.fast.FastLinear`), has a bias, is not
+    float32, or is not on the CPU (the bound assumes float32 accumulation, which GPU
+    bfloat16 GEMMs may reduce). The kept head is rebuilt when the weight is replaced or
+    changed in place by a tracked operation (an edit through ``weight.data`` bypasses
+    the version counter it checks, as it does for autograd).
     """
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
@@ -188,6 +199,7 @@ def greedy_head(module: nn.Module) -> GreedyHead | None:
         or bias is not None
         or weight.dtype != torch.float32
         or weight.dim() != 2
+        or weight.device.type != "cpu"
     ):
         return None
     source = (id(weight), weight.data_ptr(), weight._version)
