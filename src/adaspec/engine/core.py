@@ -1426,7 +1426,6 @@ class Engine:
         """``scores``: what :meth:`_target_forward` gave for ``greedy``."""
         if greedy:
             return verify_greedy(tree, scores)
-        logits = scores
         # each request draws from its own generator, so its result does not depend on the batch
         uniforms = torch.stack(
             [
@@ -1435,7 +1434,7 @@ class Engine:
             ]
         )  # [R, N]
         return verify(
-            tree, logits, temperature=temperature, top_k=top_k, top_p=top_p, uniforms=uniforms
+            tree, scores, temperature=temperature, top_k=top_k, top_p=top_p, uniforms=uniforms
         )
 
     def _emit(

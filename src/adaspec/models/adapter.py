@@ -43,7 +43,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from adaspec.kernels import compact_kv_layers
-from adaspec.models.greedy import greedy_head
+from adaspec.models.greedy import finite_argmax, greedy_head
 from adaspec.tree import TokenTree, ancestor_mask
 
 __all__ = ["KVState", "commit", "prefill", "tree_argmax", "tree_forward"]
@@ -354,7 +354,7 @@ def _forward_block(
             f"the output module was called with the picked rows but the model returned logits "
             f"of shape {tuple(logits.shape)}; pass row_last=None for this model"
         )
-    return _argmax(logits) if argmax else logits
+    return finite_argmax(logits) if argmax else logits
 
 
 def _raw_logits(model: nn.Module) -> bool:
@@ -368,14 +368,6 @@ def _raw_logits(model: nn.Module) -> bool:
     return all(
         getattr(config, name, None) in (None, 1) for name in ("logit_scale", "logits_scaling")
     )
-
-
-def _argmax(logits: Tensor) -> Tensor:
-    """(..., V) -> (...) int64 each row's argmax (ties: the lowest id); -1 for a row with a
-    NaN or +inf, or all -inf."""
-    top, best = logits.max(-1)
-    bad = torch.isnan(logits).any(-1) | ~torch.isfinite(top)
-    return best.masked_fill(bad, -1)
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -457,7 +449,7 @@ def _extend(
         logits = _forward_block(model, state, chains, positions, visible, last)  # [R, K, V]
         out = logits[torch.arange(R, device=dev), which]  # [R, V]
         if argmax:
-            out = _argmax(out)
+            out = finite_argmax(out)
     if keep_last:
         state.lens = state.lens + counts - 1
         state.pending = 1

@@ -41,6 +41,14 @@ _CHUNK = 1024  # vocabulary slice whose maximum screens it for candidates
 _MAX_CANDIDATES = 4096  # more in a row: project it in full (recomputing one costs ~3 us)
 
 
+def finite_argmax(logits: Tensor) -> Tensor:
+    """(..., V) -> (...) int64 each row's argmax (ties: the lowest id); -1 for a row with a
+    NaN or +inf, or all -inf (no token can be chosen)."""
+    top, best = logits.max(-1)
+    bad = torch.isnan(logits).any(-1) | ~torch.isfinite(top)
+    return best.masked_fill(bad, -1)
+
+
 class GreedyHead:
     """Exact argmax of ``hidden @ weight.T`` for a float32 (V, H) weight, via bfloat16.
 
@@ -143,10 +151,7 @@ class GreedyHead:
             pick = torch.where(torch.isfinite(best), pick, -1)
             if bool(full.any()):
                 where = full.nonzero().squeeze(1)
-                logits = self._project(x[where]).float()
-                top_full, choice = logits.max(1)
-                bad = torch.isnan(logits).any(1) | ~torch.isfinite(top_full)
-                pick[where] = choice.masked_fill(bad, -1)
+                pick[where] = finite_argmax(self._project(x[where]).float())
             out = torch.where(finite, pick, out)
             self.rows += M
             self.candidates += int(cand_tok.numel())
