@@ -188,6 +188,21 @@ def test_prefill_argmax_is_the_argmax_of_its_logits() -> None:
     assert torch.equal(a.lens, b.lens)
 
 
+def test_greedy_forwards_run_under_inference_mode() -> None:
+    """Tensors made under ``torch.inference_mode()`` (the greedy head's bfloat16 copy, or
+    every weight of a model built there) keep no version counter: the kept copies still
+    serve them."""
+    model = tiny_model("gemma3", seed=6, vocab_size=3000)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    _, logits = prefill(model, prompts)
+    with torch.inference_mode():
+        _, first = prefill(model, prompts, argmax=True)
+        layer = FastLinear(nn.Linear(64, 300, bias=False))
+        x = torch.randn(3, 64)
+        assert torch.equal(greedy_head(layer)(x), layer(x).argmax(-1))
+    assert torch.equal(first, logits.argmax(-1))
+
+
 def near_tie_rows(V: int, H: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights where token 1731 % V beats a twin by 1e-4 relative, and rows that see it."""
     g = torch.Generator().manual_seed(seed)

@@ -196,7 +196,7 @@ def greedy_head(module: nn.Module) -> GreedyHead | None:
     """
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    from adaspec.models.fast import FastLinear
+    from adaspec.models.fast import FastLinear, _tensor_version
 
     if (
         not isinstance(module, (nn.Linear, FastLinear))
@@ -207,7 +207,7 @@ def greedy_head(module: nn.Module) -> GreedyHead | None:
         or weight.device.type != "cpu"
     ):
         return None
-    source = (id(weight), weight.data_ptr(), weight._version)
+    source = (id(weight), weight.data_ptr(), _tensor_version(weight))
     kept = _HEADS.get(module)
     if kept is None or kept[0] != source:
         layer = weakref.ref(module)  # (a strong one would keep the key alive)
