@@ -362,11 +362,13 @@ def test_draft_tree_matches_plain_beam_across_steps(key: tuple[str, str]) -> Non
     assert backlogged > 0  # the next step forwarded a backlogged leaf before its root
 
 
+@pytest.mark.parametrize("spare", [False, True], ids=["copied", "spare-slots"])
 @pytest.mark.parametrize("key", KEYS[::2], ids=IDS[::2])
 def test_draft_tree_on_a_shared_prefix_matches_plain_beam_and_leaves_the_owner_alone(
-    key: tuple[str, str],
+    key: tuple[str, str], spare: bool
 ) -> None:
-    """Trees grown on share_prefix(state) == a beam over plain forwards; state unchanged."""
+    """Trees grown on share_prefix(state) == a beam over plain forwards; state unchanged
+    (its spare slots aside), and its next tree forward as if no tree had been grown."""
     model = MODELS[key]
     seqs = prompts_of(torch.Generator().manual_seed(5), [3, 9, 6])
     state, logits = prefill(model, seqs)
@@ -374,17 +376,28 @@ def test_draft_tree_on_a_shared_prefix_matches_plain_beam_and_leaves_the_owner_a
     before = [(layer.keys.clone(), layer.values.clone()) for layer in cache_layers(state)]
     lens = state.lens.clone()
     for _ in range(2):  # twice on one state: the first growth left nothing behind
-        out = grow_draft_tree(model, share_prefix(state), roots, depth=3, width=2)
+        view = share_prefix(state, spare=spare)
+        out = grow_draft_tree(model, view, roots, depth=3, width=2)
+        # the view appended into the owner's buffers, or into copies of its own
+        shared = cache_layers(view)[0].keys.data_ptr() == cache_layers(state)[0].keys.data_ptr()
+        assert shared == spare
         ref = plain_beam(model, seqs, roots, 3, 2)
         assert torch.equal(out.candidates.tokens, ref.tree.tokens)
         torch.testing.assert_close(out.candidates.logp, ref.tree.logp, atol=1e-4, rtol=0)
         assert torch.equal(state.lens, lens)
         assert state.pending == 0
         for (k, v), layer in zip(before, cache_layers(state), strict=True):
-            assert torch.equal(k, layer.keys)
-            assert torch.equal(v, layer.values)
-    # the owner then verifies a tree as usual
-    tree_forward(model, out.candidates, state)
+            if spare:  # each request's prefix (its slots from its length on are free)
+                for r, n in enumerate(lens.tolist()):
+                    assert torch.equal(k[r, :, :n], layer.keys[r, :, :n])
+                    assert torch.equal(v[r, :, :n], layer.values[r, :, :n])
+            else:
+                assert torch.equal(k, layer.keys)
+                assert torch.equal(v, layer.values)
+    # the owner then verifies a tree as usual (over the slots the view wrote)
+    fresh, _ = prefill(model, seqs)
+    expected = tree_forward(model, out.candidates, fresh)
+    assert torch.equal(tree_forward(model, out.candidates, state), expected)
     with pytest.raises(ValueError, match="uncommitted"):
         share_prefix(state)
 

@@ -1213,7 +1213,8 @@ class Engine:
         # (a short backlog rides along with the roots in the beam's first forward); a draft
         # sharing the target's cache grows its trees on a view of it and has no backlog
         if self._draft_state is None:
-            draft_state = share_prefix(self._target_state)
+            # (into the target's free slots: its verification next writes them afresh)
+            draft_state = share_prefix(self._target_state, spare=True)
         else:
             draft_state = self._draft_state
         backlog = draft_state.backlog

@@ -115,14 +115,16 @@ def _new_cache() -> DynamicCache:
     return cache
 
 
-def _shared_cache(cache: DynamicCache) -> DynamicCache:
-    """A cache over the same tensors as ``cache`` whose updates never write them: its layers
-    forget their spare slots, so the first update copies into buffers of their own."""
+def _shared_cache(cache: DynamicCache, *, spare: bool = False) -> DynamicCache:
+    """A cache over the same tensors as ``cache``. Its updates never write the slots
+    ``cache`` holds: by default its layers forget their spare slots, so the first update
+    copies into buffers of their own; with ``spare`` they append into ``cache``'s spare
+    slots (beyond its tensors' ends) while those last, without a copy."""
     shared = copy.copy(cache)
     shared.layers = [copy.copy(layer) for layer in cache.layers]
     for layer in shared.layers:
         if isinstance(layer, _SlackLayer) and layer.is_initialized:
-            layer._slack = {}
+            layer._slack = dict(layer._slack) if spare else {}
     return shared
 
 
