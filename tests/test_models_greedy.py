@@ -199,7 +199,9 @@ def test_greedy_forwards_run_under_inference_mode() -> None:
         _, first = prefill(model, prompts, argmax=True)
         layer = FastLinear(nn.Linear(64, 300, bias=False))
         x = torch.randn(3, 64)
-        assert torch.equal(greedy_head(layer)(x), layer(x).argmax(-1))
+        head = greedy_head(layer)
+        assert head is not None
+        assert torch.equal(head(x), layer(x).argmax(-1))
     assert torch.equal(first, logits.argmax(-1))
 
 
