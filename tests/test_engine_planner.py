@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from adaspec.engine import Engine, EngineConfig
-from adaspec.engine.core import _PROBE_EVERY, _PROFILES, _RATIO_CLASSES, _RATIO_WINDOW
+from adaspec.engine.core import (
+    _PROBE_EVERY,
+    _PROFILES,
+    _RATIO_CLASSES,
+    _RATIO_WINDOW,
+    _closed_batch_seconds,
+    _expected_max,
+)
 from adaspec.models import tiny_model
 from adaspec.tree import TokenTree
 
@@ -372,6 +379,64 @@ def test_a_closed_batch_speculates_only_where_its_slowest_request_gains():
 
     assert plan(waiting=True) > 0
     assert plan(waiting=False) == 0
+
+
+def test_expected_max_of_normals_matches_sampling() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.tensor([[10.0, 11.0, 9.5, 10.5], [3.0, 3.0, 3.0, 3.0], [5.0, 0.0, 0.0, 0.0]])
+    std = torch.tensor([[1.0, 0.5, 2.0, 1.0], [0.3, 0.3, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0]])
+    mean, std = mean.double(), std.double()
+    noise = torch.randn(3, 4, 100_000, generator=gen, dtype=torch.float64)
+    sampled = (mean.unsqueeze(-1) + std.unsqueeze(-1) * noise).max(1).values.mean(-1)
+    torch.testing.assert_close(_expected_max(mean, std), sampled, rtol=2e-3, atol=0)
+
+
+def simulated_closed_batch(
+    goal: list[int], alphas: list[float], depth: int, fixed: float, per_request: float
+) -> float:
+    """Mean seconds of 20000 simulated closed batches: each step of r live requests costs
+    fixed + per_request r and gives each 1 + min(A, depth) tokens, P(A >= j) = alpha^j."""
+    gen = torch.Generator().manual_seed(1)
+    runs = 20_000
+    left = torch.tensor(goal, dtype=torch.float64).repeat(runs, 1)  # [runs, R]
+    log_alpha = torch.tensor(alphas, dtype=torch.float64).log()
+    seconds = torch.zeros(runs, dtype=torch.float64)
+    while bool((left > 0).any()):
+        live = left > 0
+        seconds += (fixed + per_request * live.sum(1)) * live.any(1)
+        u = torch.rand(left.shape, generator=gen, dtype=torch.float64)
+        accepted = (u.log() / log_alpha).floor().clamp(max=depth)  # levels accepted
+        left -= (1 + accepted) * live
+    return float(seconds.mean())
+
+
+@pytest.mark.parametrize(
+    ("goal", "alphas", "depth"),
+    [
+        ([29] * 4, [0.93] * 4, 2),
+        ([29] * 4, [0.95, 0.95, 0.9, 0.8], 2),
+        ([29] * 4, [0.95, 0.95, 0.9, 0.8], 6),
+        ([10, 4, 3, 2], [0.8, 0.95, 0.9, 0.96], 3),
+        ([29] * 16, [0.9] * 16, 3),
+        ([40, 3], [0.6, 0.99], 1),
+    ],
+)
+def test_a_closed_batchs_expected_seconds_match_simulation(
+    goal: list[int], alphas: list[float], depth: int
+) -> None:
+    """The plan's model of a closed batch (each request's steps about normal, the batch
+    done with the slowest, smaller batches cheaper) against the process it models."""
+    fixed, per_request = 0.12, 0.02
+    R = len(goal)
+    batch = torch.full((depth + 1,), fixed + per_request * R, dtype=torch.float64)
+    single = torch.full((depth + 1,), fixed + per_request, dtype=torch.float64)
+    g, a = torch.tensor(goal, dtype=torch.float64), torch.tensor(alphas, dtype=torch.float64)
+    modelled = _closed_batch_seconds(g, a, batch, single)
+    expected = simulated_closed_batch(goal, alphas, depth, fixed, per_request)
+    assert float(modelled[depth]) == pytest.approx(expected, rel=0.03)
+    # depth 0 is plain decoding: every request its goal in steps, exactly
+    plain = fixed * max(goal) + per_request * sum(goal)
+    assert float(modelled[0]) == pytest.approx(plain, rel=1e-9)
 
 
 def test_the_level_rule_discounts_a_request_the_target_accepts_less_often_than_the_pair():
