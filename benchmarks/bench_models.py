@@ -18,7 +18,10 @@ Prints three tables:
    ``DynamicCache`` (appending by concatenation), alternating, by batch size;
 5. (``--argmax`` alone) one target forward of R real prompts x N tree nodes returning
    every logit (``tree_forward``) against returning the argmaxes only (``tree_argmax``,
-   a bfloat16 pass screened by a proven bound), alternating; the argmaxes must agree.
+   a bfloat16 pass screened by a proven bound), alternating; the argmaxes must agree;
+6. (``--share`` alone) a draft step (a chain of ``--depth`` levels) on a view of the
+   target's cache after R real prompts: ``share_prefix`` copying the cache at the first
+   level against ``spare=True`` (the tree in the target's free slots), alternating.
 
 Run: ``python benchmarks/bench_models.py`` (``--help`` for options). Timings are medians;
 nothing is asserted.
@@ -46,6 +49,7 @@ from adaspec.models import (
     load_pair,
     make_draft,
     prefill,
+    share_prefix,
     tree_argmax,
     tree_forward,
 )
@@ -315,6 +319,28 @@ def argmax_table(name: str, shapes: list[tuple[int, int]], repeats: int) -> None
         )
 
 
+def share_table(name: str, batches: list[int], depth: int, repeats: int) -> None:
+    target, draft, tok = load_pair(name)
+    texts = [q["turns"][0] for q in mtbench_questions()] + humaneval_prompts()
+    print(
+        f"\n{name}: a draft chain of {depth} levels on a view of the target's cache after R "
+        f"real prompts, the cache copied vs the target's free slots, alternating "
+        f"(median ms of {repeats})"
+    )
+    print(f"{'R':>4} {'prefix':>7} {'copied':>8} {'spare':>8} {'ratio':>6}")
+    for R in batches:
+        state, first = prefill(target, [chat_prompt_ids(tok, t) for t in texts[:R]], argmax=True)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for rep in range(repeats + 1):
+            for spare in (False, True)[:: 1 if rep % 2 else -1]:
+                start = time.perf_counter()
+                grow_draft_tree(draft, share_prefix(state, spare=spare), first, depth, 1)
+                if rep > 0:  # (the first round warms up)
+                    times[spare].append(time.perf_counter() - start)
+        a, b = (statistics.median(times[k]) for k in (False, True))
+        print(f"{R:>4} {int(state.lens.max()):>7} {a * 1e3:>8.1f} {b * 1e3:>8.1f} {b / a:>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", nargs="+", default=["smollm2-135m", "gemma-3-270m"])
@@ -328,8 +354,12 @@ def main() -> None:
     parser.add_argument("--skip-drafts", action="store_true")
     parser.add_argument("--linear", action="store_true", help="only the linear-layer table")
     parser.add_argument("--cache", action="store_true", help="only the KV-cache table")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 32], help="(--cache)")
+    parser.add_argument(
+        "--batches", nargs="+", type=int, default=[1, 4, 32], help="(--cache, --share)"
+    )
     parser.add_argument("--argmax", action="store_true", help="only the greedy-argmax table")
+    parser.add_argument("--share", action="store_true", help="only the shared-cache table")
+    parser.add_argument("--depth", type=int, default=2, help="(--share) levels")
     parser.add_argument(
         "--shapes",
         nargs="+",
@@ -344,6 +374,10 @@ def main() -> None:
     if args.cache:
         for name in args.pairs:
             cache_table(name, args.batches, args.repeats)
+        return
+    if args.share:
+        for name in args.pairs:
+            share_table(name, args.batches, args.depth, args.repeats)
         return
     if args.argmax:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
