@@ -189,20 +189,25 @@ def test_prefill_argmax_is_the_argmax_of_its_logits() -> None:
 
 
 def test_greedy_forwards_run_under_inference_mode() -> None:
-    """Tensors made under ``torch.inference_mode()`` (the greedy head's bfloat16 copy, or
-    every weight of a model built there) keep no version counter: the kept copies still
-    serve them."""
+    """Under ``torch.inference_mode()`` the head's bfloat16 copy is made outside it (it
+    keeps a version counter); a weight made there keeps none, so no copy of it is kept:
+    the head declines it and FastLinear runs it as it is, in-place edits included."""
     model = tiny_model("gemma3", seed=6, vocab_size=3000)
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     _, logits = prefill(model, prompts)
     with torch.inference_mode():
         _, first = prefill(model, prompts, argmax=True)
-        layer = FastLinear(nn.Linear(64, 300, bias=False))
+        layer = FastLinear(nn.Linear(64, 300, bias=False))  # an inference-mode weight
         x = torch.randn(3, 64)
-        head = greedy_head(layer)
-        assert head is not None
-        assert torch.equal(head(x), layer(x).argmax(-1))
+        before = layer(x)
+        assert greedy_head(layer) is None
+        layer.weight.mul_(-1)  # (no version counter sees this)
+        assert torch.equal(layer(x), -before)
     assert torch.equal(first, logits.argmax(-1))
+    output_layer: Any = model.lm_head
+    head = greedy_head(output_layer)
+    assert head is not None
+    assert not head._proxy.weight.is_inference()  # (the one made under inference mode)
 
 
 def near_tie_rows(V: int, H: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

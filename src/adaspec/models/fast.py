@@ -74,12 +74,6 @@ def _packable(dtype: torch.dtype) -> bool:
     return (_ONEDNN and dtype == torch.float32) or (_ONEDNN_BF16 and dtype == torch.bfloat16)
 
 
-def _tensor_version(t: Tensor) -> int:
-    """``t``'s version counter (bumped by in-place edits), -1 for an inference tensor: one
-    keeps none, so its in-place edits go unseen, as edits through ``.data`` do."""
-    return -1 if t.is_inference() else t._version
-
-
 class FastLinear(nn.Module):
     """A drop-in ``nn.Linear`` for CPU inference that picks its kernel per row count.
 
@@ -129,13 +123,16 @@ class FastLinear(nn.Module):
             or not _packable(w.dtype)
             or not x.dtype.is_floating_point
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            # a weight made under torch.inference_mode() has no version counter: its
+            # in-place edits could not be seen, so no copy of it is kept
+            or w.is_inference()
         ):
             if not x.dtype.is_floating_point:
                 return F.linear(x, w, self.bias)  # torch's own error for integer inputs
             return F.linear(x.to(w.dtype), w, self.bias).to(x.dtype)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in {self.in_features} features, got {tuple(x.shape)}")
-        source = (id(w), w.dtype, w.data_ptr(), _tensor_version(w))
+        source = (id(w), w.dtype, w.data_ptr(), w._version)
         if source != self._source:  # a new, moved, cast or updated weight: copies are stale
             self._copies, self._source, self._chosen = {}, source, {}
         rows = x.numel() // max(x.shape[-1], 1)

@@ -96,9 +96,12 @@ class GreedyHead:
             self.weight = w  # [V, H] float32, shared with the model
             self._project = project if project is not None else self._product
             V, H = w.shape
-            low = w.to(torch.bfloat16)
-            lin = nn.Linear(H, V, bias=False, dtype=torch.bfloat16, device=w.device)
-            lin.weight = nn.Parameter(low, requires_grad=False)
+            # (made outside inference mode, the copy keeps a version counter and its
+            # FastLinear its packed copies, when the head is built under inference mode)
+            with torch.inference_mode(False):
+                low = w.to(torch.bfloat16)
+                lin = nn.Linear(H, V, bias=False, dtype=torch.bfloat16, device=w.device)
+                lin.weight = nn.Parameter(low, requires_grad=False)
             self._proxy = FastLinear(lin)
             # (norms in float64: float32 ones of extreme weights under- or overflow)
             w_norm = w.double().norm(dim=1).max()
@@ -189,14 +192,15 @@ def greedy_head(module: nn.Module) -> GreedyHead | None:
 
     Returns None where the shortcut does not apply: a layer that is not a linear one
     (``nn.Linear`` or :class:`~adaspec.models.fast.FastLinear`), has a bias, is not
-    float32, or is not on the CPU (the bound assumes float32 accumulation, which GPU
-    bfloat16 GEMMs may reduce). The kept head is rebuilt when the weight is replaced or
+    float32, is not on the CPU (the bound assumes float32 accumulation, which GPU
+    bfloat16 GEMMs may reduce), or whose weight was made under ``torch.inference_mode()``
+    (it keeps no version counter). The kept head is rebuilt when the weight is replaced or
     changed in place by a tracked operation (an edit through ``weight.data`` bypasses
     the version counter it checks, as it does for autograd).
     """
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    from adaspec.models.fast import FastLinear, _tensor_version
+    from adaspec.models.fast import FastLinear
 
     if (
         not isinstance(module, (nn.Linear, FastLinear))
@@ -205,9 +209,10 @@ def greedy_head(module: nn.Module) -> GreedyHead | None:
         or weight.dtype != torch.float32
         or weight.dim() != 2
         or weight.device.type != "cpu"
+        or weight.is_inference()  # (no version counter: an in-place edit would go unseen)
     ):
         return None
-    source = (id(weight), weight.data_ptr(), _tensor_version(weight))
+    source = (id(weight), weight.data_ptr(), weight._version)
     kept = _HEADS.get(module)
     if kept is None or kept[0] != source:
         layer = weakref.ref(module)  # (a strong one would keep the key alive)
