@@ -246,11 +246,14 @@ def share_prefix(state: KVState, *, spare: bool = False) -> KVState:
     ``state`` must have no pending tree and no backlog (a target's state between steps).
 
     With ``spare=True`` the view's forwards write into ``state``'s free slots instead
-    (each request's slots from its length on, which ``state``'s next forward writes
-    afresh) while they last, and copy nothing: ``state``'s prefixes are untouched, but the
-    view holds only until ``state``'s next forward, and two such views of one state must
-    not be grown together. (The engine's draft step: at batch 32 a copy of SmolLM2's
-    cache took ~60 ms of a ~280 ms draft step.)
+    (each request's slots from its length on, which ``state``'s next forward overwrites
+    with its own tree or masks out) while they last, and copy nothing: ``state``'s
+    prefixes are untouched, but the view holds only until ``state``'s next forward, and two
+    such views of one state must not be grown together. Masked slots still enter the
+    attention's arithmetic: a growth that wrote non-finite keys or values (a draft whose
+    own logits were NaN) leaves rows of ``state`` that forward to NaN. (The engine's draft
+    step, where such a draft raises first: at batch 32 a copy of the target's cache took
+    ~25 % of a draft chain of 2 levels, ``benchmarks/bench_models.py --share``.)
 
     Example
     -------
