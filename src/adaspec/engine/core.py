@@ -893,15 +893,15 @@ class Engine:
         closed = R > 1 and not self._waiting
         goal = torch.tensor(to_go, dtype=torch.float64)  # [R]
         plain_finish = 0.0  # plain decoding's seconds to finish a closed batch
-        if closed:  # a step of r requests on the line through its cost at R and at 1 (the
-            # latency model's shape, scaled to what a step of R costs)
-            many = R / plain_rate
-            ratio_1 = self.verify_latency.predict(1) / self.verify_latency.predict(R).clamp(
-                min=1e-9
+        if closed:  # (depth 0: each request its goal in steps; a step of one request on
+            # the latency model's shape, scaled to what a step of R costs)
+            many = torch.tensor([R / plain_rate], dtype=torch.float64)
+            one = (
+                many
+                * self.verify_latency.predict(1)
+                / self.verify_latency.predict(R).clamp(min=1e-9)
             )
-            one = many * float(ratio_1)
-            per_request = (many - one) / (R - 1)
-            plain_finish = (one - per_request) * left + per_request * remaining
+            plain_finish = float(_closed_batch_seconds(goal, torch.zeros_like(goal), many, one)[0])
 
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
