@@ -10,6 +10,7 @@ from adaspec.engine.core import (
     _PROFILES,
     _RATIO_CLASSES,
     _RATIO_WINDOW,
+    _REPLAN_GAP,
     _closed_batch_seconds,
     _expected_max,
 )
@@ -472,6 +473,32 @@ def test_probes_back_off_only_after_probes_that_did_not_pay():
     eng._probed = True  # ... or was a probe: probe half as often
     assert eng._plan_shape(1, 4, 1) == (0, 1)
     assert eng._probe_every == 2 * _PROBE_EVERY
+
+
+def test_plain_decoding_that_wins_by_far_skips_the_next_plans_of_the_same_requests():
+    eng = planned(1.0)  # a draft as slow as the target: plain decoding wins by far
+    eng._plain_streak = 1
+    assert eng._plan_shape(1, 4, 1) == (0, 1)
+    assert eng._unplanned == 0  # plain decoding is still priced from the latency model
+    eng._plain_seconds[1] = (0.051, 2)  # ... as two measured plain steps confirm
+    assert eng._plan_shape(1, 4, 1) == (0, 1)
+    assert eng._unplanned == _REPLAN_GAP
+    # the draft turns cheap (made up: while plain steps run, nothing the plan rests on
+    # moves but step times and tokens to go): the skipped plans do not see it
+    eng.draft_latency = type(eng.draft_latency)()
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        eng.draft_latency.observe(n, 0.1 * (0.050 + 0.001 * n))
+    for _ in range(_REPLAN_GAP):
+        assert eng._plan_shape(1, 4, 1) == (0, 1)
+    assert eng._plan_shape(1, 4, 1)[0] > 0  # the next plan does
+    # a plan for other requests is made afresh
+    eng = planned(1.0)
+    eng._plain_streak, eng._plain_seconds[1] = 1, (0.051, 2)
+    assert eng._plan_shape(1, 4, 1) == (0, 1)
+    assert eng._unplanned == _REPLAN_GAP
+    eng.add_request([5, 6, 7], max_new_tokens=200)  # waiting: the batch is no longer closed
+    assert eng._plan_shape(1, 4, 1) == (0, 1)
+    assert (eng._unplanned, eng._unplanned_for[1]) == (_REPLAN_GAP, True)  # planned anew
 
 
 def test_only_an_engine_with_a_draft_cache_of_its_own_prices_catch_ups():

@@ -121,6 +121,13 @@ _RATIO_WINDOW = 5
 _CHAIN_DEPTHS = 4
 # a draft backlog longer than this (prompts, many plain steps) is forwarded on its own
 _CATCH_UP_MIN = 8
+# while plain steps run no request's acceptance moves (no trials): only measured step
+# times and the tokens to go change the plan. So where plain decoding won by a wide margin
+# (speculation's best rate below this share of what it had to beat, a probe's included),
+# the next _REPLAN_GAP steps of the same requests decode plainly unplanned (a plan costs
+# 1-3 ms: 2-3 % of a plain Gemma step at batch 16-32, where plain decoding wins throughout)
+_REPLAN_HEADROOM = 0.9
+_REPLAN_GAP = 4
 
 
 @dataclass
@@ -550,6 +557,12 @@ class Engine:
         # speculative steps until such a step among planned ones, and the gap after it
         self._optimistic = False
         self._cost_probe_wait = self._cost_probe_gap = _PROBE_EVERY
+        # plain steps left that reuse the last plan's plain decision, for the requests it
+        # was made for (see _REPLAN_HEADROOM); the best speculative rate over the rate it
+        # had to beat, in this step's plan
+        self._unplanned = 0
+        self._unplanned_for: tuple[tuple[int, ...], bool] = ((), False)
+        self._headroom = 0.0
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
@@ -824,11 +837,19 @@ class Engine:
         confidence bound of α says it could pay (and repay its catch-up by the margin) with
         the forwards priced at the lowest they have cost and ρ at most its prior, so that α
         and the costs stay current; while speculating, a chain now and then (after 8, 16,
-        32, ... chains) grows its levels at those prices too.
+        32, ... chains) grows its levels at those prices too. Where plain decoding (priced
+        from measured plain steps) won by a wide margin, the next ``_REPLAN_GAP`` steps of
+        the same requests decode plainly without a plan.
         """
         self._optimistic = False
         if self.config.budget != "auto" or depth == 0 or not self.verify_latency.observed:
             return depth, width
+        batch = (tuple(r.id for r in self._active), bool(self._waiting))
+        if self._unplanned > 0 and self._unplanned_for == batch:
+            self._unplanned -= 1
+            self._planned, self._spec_streak = None, 0
+            return 0, width
+        self._unplanned, self._headroom = 0, 0.0
         # a chain may grow to _CHAIN_DEPTHS times the beam's depth: the draft's confidence
         # stops it where a further level no longer pays (_level_rule). It verifies all it
         # grows: no longer than the step's token bound and the per-request cap allow
@@ -974,6 +995,7 @@ class Engine:
                     R, w, " (probe)" if optimistic else "", alpha, k, spec_rate,
                     plain_rate, catch_up_s, remaining,
                 )  # fmt: skip
+                self._headroom = max(self._headroom, spec_rate / top_rate)
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
                     # a probe's optimistic rate is no yardstick: it must only beat plain
@@ -1014,7 +1036,12 @@ class Engine:
             # re-probe with a chain, where the acceptance rate's upper bound could pay
             k, w = best(True, [1])
             self._probed = self._optimistic = k > 0
-            return k, w
+            if k > 0:
+                return k, w
+        if self._headroom < _REPLAN_HEADROOM and self._plain_seconds.get(R, (0.0, 0))[1] >= 2:
+            # (not while plain decoding is priced from the latency model: two measured
+            # plain steps reprice it, and the next plan must see them)
+            self._unplanned, self._unplanned_for = _REPLAN_GAP, batch
         return 0, width
 
     def _alpha(self, i: int) -> tuple[float, float]:
