@@ -267,7 +267,21 @@ def test_the_batchs_acceptance_is_the_mean_of_its_requests():
     pair = 0.93
     expected = ((40 + 8 * pair) / 48 + (0 + 8 * pair) / 48) / 2
     assert abs(alpha - expected) < 1e-9
-    assert trials == 48.0
+    assert trials == 96.0  # the mean rests on both requests' trials (and priors)
+
+
+def test_a_probes_bound_on_the_batchs_acceptance_tightens_as_the_batch_grows():
+    """Fresh requests at the pair's rate: one request's bound reaches 1 (a probe may pay),
+    the mean of 16 such requests rests on 16 times the trials and stays near the rate."""
+    eng = planned(0.1)
+    alpha, n = eng._alpha(0)
+    assert min(alpha + (alpha * (1 - alpha) / n) ** 0.5, 1.0) > 0.99
+    for _ in range(15):
+        eng.add_request([5, 6], max_new_tokens=10)
+    eng._admit()
+    alpha16, n16 = eng._alpha(0)
+    assert (alpha16, n16) == (pytest.approx(alpha), 16 * n)
+    assert alpha16 + (alpha16 * (1 - alpha16) / n16) ** 0.5 < alpha + 0.03
 
 
 def test_a_profile_survives_an_engine_that_does_not_calibrate_and_a_new_setting_rewarms():
