@@ -558,11 +558,9 @@ class Engine:
         self._optimistic = False
         self._cost_probe_wait = self._cost_probe_gap = _PROBE_EVERY
         # plain steps left that reuse the last plan's plain decision, for the requests it
-        # was made for (see _REPLAN_HEADROOM); the best speculative rate over the rate it
-        # had to beat, in this step's plan
+        # was made for (see _REPLAN_HEADROOM)
         self._unplanned = 0
         self._unplanned_for: tuple[tuple[int, ...], bool] = ((), False)
-        self._headroom = 0.0
         if self.config.warmup:
             by_draft = _PROFILES.get(target)
             profile = by_draft.get(draft) if by_draft is not None else None
@@ -850,7 +848,8 @@ class Engine:
             self._planned, self._spec_streak = None, 0
             logger.debug("plan R=%d: plain, unplanned (%d more)", R, self._unplanned)
             return 0, width
-        self._unplanned, self._headroom = 0, 0.0
+        self._unplanned = 0
+        headroom = 0.0  # the best speculative rate over the rate it had to beat
         # a chain may grow to _CHAIN_DEPTHS times the beam's depth: the draft's confidence
         # stops it where a further level no longer pays (_level_rule). It verifies all it
         # grows: no longer than the step's token bound and the per-request cap allow
@@ -927,6 +926,7 @@ class Engine:
 
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
+            nonlocal headroom
             top_rate, top = (1.0 if speculating else _MARGIN) * plain_rate, (0, width)
             self._planned = None
             for w in widths:
@@ -996,7 +996,7 @@ class Engine:
                     R, w, " (probe)" if optimistic else "", alpha, k, spec_rate,
                     plain_rate, catch_up_s, remaining,
                 )  # fmt: skip
-                self._headroom = max(self._headroom, spec_rate / top_rate)
+                headroom = max(headroom, spec_rate / top_rate)
                 if spec_rate > top_rate and repaid:
                     top_rate, top = spec_rate, (k, w)
                     # a probe's optimistic rate is no yardstick: it must only beat plain
@@ -1039,7 +1039,7 @@ class Engine:
             self._probed = self._optimistic = k > 0
             if k > 0:
                 return k, w
-        if self._headroom < _REPLAN_HEADROOM and self._plain_seconds.get(R, (0.0, 0))[1] >= 2:
+        if headroom < _REPLAN_HEADROOM and self._plain_seconds.get(R, (0.0, 0))[1] >= 2:
             # (not while plain decoding is priced from the latency model: two measured
             # plain steps reprice it, and the next plan must see them)
             self._unplanned, self._unplanned_for = _REPLAN_GAP, batch
