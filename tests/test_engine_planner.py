@@ -12,7 +12,9 @@ from adaspec.engine.core import (
     _RATIO_WINDOW,
     _REPLAN_GAP,
     _closed_batch_seconds,
+    _critical_weights,
     _expected_max,
+    _last_odds,
 )
 from adaspec.models import tiny_model
 from adaspec.tree import TokenTree
@@ -453,6 +455,87 @@ def test_a_closed_batchs_expected_seconds_match_simulation(
     # depth 0 is plain decoding: every request its goal in steps, exactly
     plain = fixed * max(goal) + per_request * sum(goal)
     assert float(modelled[0]) == pytest.approx(plain, rel=1e-9)
+
+
+def test_the_odds_of_being_the_largest_of_normals_match_sampling() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.tensor([[10.0, 11.0, 9.5, 10.5], [3.0, 3.0, 3.0, 3.0], [5.0, 6.0, 4.0, 1.0]])
+    std = torch.tensor([[1.0, 0.5, 2.0, 1.0], [0.3, 0.3, 0.3, 0.3], [0.5, 0.2, 1.0, 2.0]])
+    mean, std = mean.double(), std.double()
+    noise = torch.randn(3, 4, 200_000, generator=gen, dtype=torch.float64)
+    largest = (mean.unsqueeze(-1) + std.unsqueeze(-1) * noise).argmax(1)  # [3, samples]
+    sampled = torch.stack([(largest == i).double().mean(-1) for i in range(4)], -1)
+    torch.testing.assert_close(_last_odds(mean, std), sampled, rtol=0, atol=5e-3)
+    # no spread: the largest surely, and ties split evenly
+    exact = torch.tensor([[5.0, 5.0, 5.0, 1.0], [0.0, 7.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        _last_odds(exact, torch.zeros_like(exact)),
+        torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0], [0.0, 1.0, 0.0, 0.0]], dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize(
+    ("goal", "alphas", "depth"),
+    [
+        ([24] * 4, [0.95, 0.95, 0.9, 0.6], 3),
+        ([12, 20, 30, 30], [0.9, 0.9, 0.9, 0.75], 2),
+        ([30, 30], [0.9, 0.85], 4),
+    ],
+)
+def test_a_requests_worth_to_a_closed_batch_matches_simulation(
+    goal: list[int], alphas: list[float], depth: int
+) -> None:
+    """What a token of each request saves the batch (relative to the average request):
+    against simulated batches (with the same random numbers) whose request i has 4 tokens
+    less to go."""
+    fixed, per_request = 0.12, 0.02
+    R = len(goal)
+    batch = torch.full((depth + 1,), fixed + per_request * R, dtype=torch.float64)
+    single = torch.full((depth + 1,), fixed + per_request, dtype=torch.float64)
+    g, a = torch.tensor(goal, dtype=torch.float64), torch.tensor(alphas, dtype=torch.float64)
+    worth = _critical_weights(g, a, batch, single)  # [R, depth + 1]
+    whole = simulated_closed_batch(goal, alphas, depth, fixed, per_request)
+    saved = []
+    for i in range(R):
+        shorter = list(goal)
+        shorter[i] -= 4
+        saved.append(whole - simulated_closed_batch(shorter, alphas, depth, fixed, per_request))
+    expected = torch.tensor(saved, dtype=torch.float64)
+    torch.testing.assert_close(worth[:, depth], R * expected / expected.sum(), rtol=0, atol=0.15)
+    # alike requests are worth alike: 1 each, at every depth
+    alike = _critical_weights(torch.full_like(g, 20.0), torch.full_like(a, 0.9), batch, single)
+    torch.testing.assert_close(alike, torch.ones_like(alike))
+
+
+def test_in_a_closed_batch_the_level_rule_weighs_the_request_likely_to_finish_last():
+    """Three requests the target accepts ~0.95 a level, one ~0.6: the plan prices the
+    batch as done when that one is, and a chain stops where the next level no longer
+    pays for it (though the draft is sure of the others' next tokens)."""
+    eng = Engine(tiny_model(seed=0), tiny_model(seed=1), config=EngineConfig(warmup=False))
+    for _ in range(4):
+        eng.add_request([1, 2, 3, 4], max_new_tokens=40)
+    eng._admit()
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        eng.verify_latency.observe(n, 0.050 + 0.001 * n)
+        eng.draft_latency.observe(n, 0.1 * (0.050 + 0.001 * n))
+    eng._plain_samples, eng._plain_time_ratio, eng._plain_batch = 2, 1.0, 64
+    eng._plain_seconds[4] = (0.054, 2)
+    eng.calibrator = None
+    eng._accept_trials[0], eng._accept_hits[0] = 1000.0, 900.0  # the pair: 0.9
+    for request, hits in zip(eng._active, (95.0, 95.0, 95.0, 60.0), strict=True):
+        request.trials[0], request.hits[0] = 100.0, hits
+    assert eng._plan_shape(4, 4, 1)[0] > 0
+    assert eng._worth is not None
+    assert int(eng._worth.argmax()) == 3
+    assert float(eng._worth.mean()) == pytest.approx(1.0)
+    # the draft: sure of three requests' next tokens, not of the fourth's
+    f = [[0.95, 0.9, 0.85], [0.95, 0.9, 0.85], [0.95, 0.9, 0.85], [0.5, 0.1, 0.02]]
+    logp = torch.tensor([[1.0, *row] for row in f]).log()
+    tree = TokenTree(torch.full((4, 4), 7), torch.tensor([[-1, 0, 1, 2]] * 4), logp)
+    frontier = torch.tensor([[3]] * 4)
+    assert eng._level_rule(4, 1)(tree, frontier)
+    eng._worth = None  # all tokens alike (an open batch): the sure ones pay for a level
+    assert not eng._level_rule(4, 1)(tree, frontier)
 
 
 def test_the_level_rule_discounts_a_request_the_target_accepts_less_often_than_the_pair():

@@ -420,6 +420,20 @@ def _expected_max(mean: Tensor, std: Tensor, points: int = 33) -> Tensor:
     return lo + torch.trapezoid(1 - below.prod(-2), x, dim=-1)
 
 
+def _steps_to_finish(goal: Tensor, alphas: Tensor, depths: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each request's steps to emit its goal, per chain depth 0..``depths``: (mean, std,
+    tokens a step) each (R, depths + 1) float64 (see :func:`_closed_batch_seconds`)."""
+    d = torch.arange(depths + 1, dtype=torch.float64)
+    power = alphas.unsqueeze(1) ** d  # [R, L + 1]
+    per_step = power.cumsum(1)  # E[X]
+    square = ((2 * d + 1) * power).cumsum(1)  # E[X²]
+    var = square - per_step**2
+    g = goal.unsqueeze(1)
+    steps = (g + (square - per_step) / (2 * per_step)) / per_step
+    spread = (g * var.clamp(min=0) / per_step**3).sqrt()
+    return steps, spread, per_step
+
+
 def _closed_batch_seconds(
     goal: Tensor, alphas: Tensor, batch_seconds: Tensor, single_seconds: Tensor
 ) -> Tensor:
@@ -444,19 +458,63 @@ def _closed_batch_seconds(
     a few times d + 1) the overshoot's long-run mean is off by up to half a step a request:
     15-45 % of what is left (an exact distribution of the steps would fix that).
     """
-    R = goal.numel()
-    d = torch.arange(batch_seconds.numel(), dtype=torch.float64)
-    power = alphas.unsqueeze(1) ** d  # [R, L + 1]
-    mean = power.cumsum(1)
-    square = ((2 * d + 1) * power).cumsum(1)
-    var = square - mean**2
-    g = goal.unsqueeze(1)
-    steps = (g + (square - mean) / (2 * mean)) / mean  # [R, L + 1]
-    spread = (g * var.clamp(min=0) / mean**3).sqrt()
+    steps, spread, _ = _steps_to_finish(goal, alphas, batch_seconds.numel() - 1)
     last = _expected_max(steps.T, spread.T)  # [L + 1]
-    per_request = (batch_seconds - single_seconds) / max(R - 1, 1)
-    fixed = single_seconds - per_request
+    fixed, per_request = _step_line(goal.numel(), batch_seconds, single_seconds)
     return fixed * last + per_request * steps.sum(0)
+
+
+def _step_line(R: int, batch_seconds: Tensor, single_seconds: Tensor) -> tuple[Tensor, Tensor]:
+    """(fixed, per_request) seconds of a step, on the line through a step of R requests
+    and one of a single request (each clamped at 0)."""
+    per_request = ((batch_seconds - single_seconds) / max(R - 1, 1)).clamp(min=0)
+    return (single_seconds - per_request).clamp(min=0), per_request
+
+
+def _critical_weights(
+    goal: Tensor, alphas: Tensor, batch_seconds: Tensor, single_seconds: Tensor
+) -> Tensor:
+    """(R, L + 1) what a token of each request is worth to a closed batch, per chain depth,
+    relative to the batch's average token (the weights average 1 over the requests).
+
+    In the model of :func:`_closed_batch_seconds` (fixed E[max_i S_i] + per_request Σ_i
+    S_i, S_i request i's steps to go), a token more for request i now shortens S_i by
+    1 / E[X_i] steps, and so the run by (fixed P(i is last) + per_request) / E[X_i]
+    seconds. Requests alike are worth alike; a request likely to be the last is worth up
+    to R of the average where a step of one request costs about what one of R does (Gemma
+    at batch 4: 16-level chains drafted for three requests left the fourth, whose target
+    accepted ~0.5 a level, 2-3 tokens a step where plain steps give it 4 in that time: it
+    decoded its last 12 tokens alone, and the run lost 10-20 % to plain decoding).
+    """
+    steps, spread, per_step = _steps_to_finish(goal, alphas, batch_seconds.numel() - 1)
+    fixed, per_request = _step_line(goal.numel(), batch_seconds, single_seconds)
+    last = _last_odds(steps.T, spread.T).T  # [R, L + 1]
+    worth = (fixed * last + per_request) / per_step
+    return worth * goal.numel() / worth.sum(0).clamp(min=1e-12)
+
+
+def _last_odds(mean: Tensor, std: Tensor, points: int = 129) -> Tensor:
+    """P(X_i is the largest) of independent normals X_i ~ N(mean_i, std_i²), over the last dim.
+
+    ``mean``, ``std``: (..., R) float64 -> (..., R), summing to 1. P(X_i largest) =
+    ∫ Π_{j≠i} Φ_j dΦ_i over [lo, hi] as in :func:`_expected_max` (below lo some X_j is
+    surely larger), summed over ``points`` grid cells with the others' product at each
+    cell's midpoint (so a request with no spread is a step of Φ_i, and ties split evenly).
+    """
+    std = std.clamp(min=1e-9)
+    hi = (mean + 6 * std).max(-1).values
+    lo = (mean - 6 * std).max(-1).values
+    lo = lo - (hi - lo) / (points - 1)  # (a cell below: a request with no spread may be lo)
+    x = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * torch.linspace(0, 1, points, dtype=lo.dtype)
+    below = torch.special.ndtr((x.unsqueeze(-2) - mean.unsqueeze(-1)) / std.unsqueeze(-1))
+    # [..., R, points]: the product of every other request's Φ (exclusive prefix x suffix)
+    ones = torch.ones_like(below[..., :1, :])
+    prefix = torch.cat([ones, below[..., :-1, :]], -2).cumprod(-2)
+    suffix = torch.cat([below[..., 1:, :], ones], -2).flip(-2).cumprod(-2).flip(-2)
+    others = prefix * suffix
+    cell = (below[..., 1:] - below[..., :-1]) * (others[..., 1:] + others[..., :-1]) / 2
+    odds: Tensor = cell.sum(-1)
+    return odds / odds.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -545,6 +603,9 @@ class Engine:
         self._planned: tuple[float, float, float] | None = None
         # ... and the first and further levels as the draft's latency model prices them now
         self._ratio_prices: tuple[float, float] | None = None
+        # ... and (R,) what a token of each request is worth to a closed batch, relative to
+        # the average token (None: alike; see _critical_weights)
+        self._worth: Tensor | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         # decayed sums over chain steps: tokens emitted per request, levels grown, steps
         self._chain_steps = [0.0, 0.0, 0.0]
@@ -928,7 +989,7 @@ class Engine:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
             nonlocal headroom
             top_rate, top = (1.0 if speculating else _MARGIN) * plain_rate, (0, width)
-            self._planned = None
+            self._planned = self._worth = None
             for w in widths:
                 i = 0 if w == 1 else 1
                 alpha, n = self._alpha(i)
@@ -958,7 +1019,7 @@ class Engine:
                 predicted = first_w + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
                 seconds = ratio * predicted[: levels + 1]
                 mean_rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
-                rate = mean_rate
+                rate, worth = mean_rate, None
                 if closed and not optimistic:
                     # the batch ends with its last request: the expected seconds to finish
                     # all, at each depth, against plain decoding's (steps of one request
@@ -972,6 +1033,7 @@ class Engine:
                     alone = ratio * alone[: levels + 1]
                     finish = _closed_batch_seconds(goal, self._alphas(i), seconds, alone)
                     rate = plain_rate * plain_finish / finish.clamp(min=1e-9)
+                    worth = _critical_weights(goal, self._alphas(i), seconds, alone)
                 straggle = rate / mean_rate.clamp(min=1e-9)
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
@@ -1003,6 +1065,7 @@ class Engine:
                     self._planned = (first_w, level, plain_rate if optimistic else spec_rate)
                     # ρ compares a step with the models as they are, a probe's too
                     self._ratio_prices = (first, float(self.draft_latency.predict(R * w)))
+                    self._worth = None if worth is None else worth[:, k]
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -1127,7 +1190,9 @@ class Engine:
         The calibrated f is the pair's: a request that the target accepts less often than
         the pair's requests do (its own rate α_i below the pair's α) has the gain of a level
         d lowered by (α_i / α)^d, and a level a request cannot emit (beyond what it has
-        left) adds nothing for it.
+        left) adds nothing for it. In a closed batch, each request's tokens count by what
+        they shorten the batch's run (see :func:`_critical_weights`): the request likely to
+        finish last, most.
         """
         assert self._planned is not None
         _, level, long_run = self._planned
@@ -1147,6 +1212,10 @@ class Engine:
         # 0.9, and its chains grew 5-8 levels on the pair's calibrated f, then lost the
         # first token; its tail steps alone took 200-280 ms for 1-3 tokens)
         below = (self._alphas(kind) / self._pair_alpha(kind)).clamp(max=1.0)  # [R]
+        # in a closed batch, tokens of the request likely to finish last count most
+        worth = self._worth
+        if worth is None or worth.numel() != R:
+            worth = torch.ones(R, dtype=torch.float64)
         to_go = torch.tensor([r.max_new_tokens - len(r.output) for r in self._active])  # [R]
 
         def stop(tree: TokenTree, frontier: Tensor) -> bool:
@@ -1155,7 +1224,8 @@ class Engine:
             # the frontier's f bounds what its children, one level deeper, can add
             child = tree.depth.gather(1, frontier).cpu() + 1  # [R, F]
             f = tree.logp.exp().gather(1, frontier).double().cpu() * below.unsqueeze(1) ** child
-            gain = float(torch.where(child < to_go.unsqueeze(1), f, 0.0).sum())
+            f = torch.where(child < to_go.unsqueeze(1), f, 0.0)
+            gain = float((f.sum(1) * worth).sum())
             n = min(R * (int(tree.depth.max()) * width + 1), cap)
             more = ratio * (level + float(verify(min(n + R * width, cap))) - float(verify(n)))
             return gain < max(long_run, plain_rate) * more
@@ -1413,7 +1483,7 @@ class Engine:
             first, level = self._ratio_prices
             predicted = self._spec_seconds(first, level, forwards, n_tokens)
             self._observe_spec_ratio(i, R, t_end - t_beam, predicted)
-        self._planned, self._optimistic = None, False  # this step's plan is spent
+        self._planned, self._optimistic, self._worth = None, False, None  # this plan is spent
         if caught_up:  # per padded token, beyond one forward's fixed cost
             observed = self.draft_latency.observed
             fixed = float(self.draft_latency.predict(R)) if observed else 0.0
