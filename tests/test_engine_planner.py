@@ -493,7 +493,7 @@ def test_a_requests_worth_to_a_closed_batch_matches_simulation(
     batch = torch.full((depth + 1,), fixed + per_request * R, dtype=torch.float64)
     single = torch.full((depth + 1,), fixed + per_request, dtype=torch.float64)
     g, a = torch.tensor(goal, dtype=torch.float64), torch.tensor(alphas, dtype=torch.float64)
-    worth = _critical_weights(g, a, batch, single)  # [R, depth + 1]
+    worth = _critical_weights(g, a, fixed + per_request * R, fixed + per_request, depth)
     whole = simulated_closed_batch(goal, alphas, depth, fixed, per_request)
     saved = []
     for i in range(R):
@@ -501,10 +501,13 @@ def test_a_requests_worth_to_a_closed_batch_matches_simulation(
         shorter[i] -= 4
         saved.append(whole - simulated_closed_batch(shorter, alphas, depth, fixed, per_request))
     expected = torch.tensor(saved, dtype=torch.float64)
-    torch.testing.assert_close(worth[:, depth], R * expected / expected.sum(), rtol=0, atol=0.15)
+    torch.testing.assert_close(worth, R * expected / expected.sum(), rtol=0, atol=0.15)
     # alike requests are worth alike: 1 each, at every depth
-    alike = _critical_weights(torch.full_like(g, 20.0), torch.full_like(a, 0.9), batch, single)
-    torch.testing.assert_close(alike, torch.ones_like(alike))
+    for d in range(depth + 1):
+        alike = _critical_weights(
+            torch.full_like(g, 20.0), torch.full_like(a, 0.9), float(batch[d]), float(single[d]), d
+        )
+        torch.testing.assert_close(alike, torch.ones_like(alike))
 
 
 def test_in_a_closed_batch_the_level_rule_weighs_the_request_likely_to_finish_last():

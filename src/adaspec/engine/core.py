@@ -472,25 +472,28 @@ def _step_line(R: int, batch_seconds: Tensor, single_seconds: Tensor) -> tuple[T
 
 
 def _critical_weights(
-    goal: Tensor, alphas: Tensor, batch_seconds: Tensor, single_seconds: Tensor
+    goal: Tensor, alphas: Tensor, batch_seconds: float, single_seconds: float, depth: int
 ) -> Tensor:
-    """(R, L + 1) what a token of each request is worth to a closed batch, per chain depth,
-    relative to the batch's average token (the weights average 1 over the requests).
+    """(R,) what a token of each request is worth to a closed batch whose steps are chains
+    of ``depth`` levels, relative to the batch's average token (the weights average 1).
 
-    In the model of :func:`_closed_batch_seconds` (fixed E[max_i S_i] + per_request Σ_i
-    S_i, S_i request i's steps to go), a token more for request i now shortens S_i by
-    1 / E[X_i] steps, and so the run by (fixed P(i is last) + per_request) / E[X_i]
-    seconds. Requests alike are worth alike; a request likely to be the last is worth up
-    to R of the average where a step of one request costs about what one of R does (Gemma
-    at batch 4: 16-level chains drafted for three requests left the fourth, whose target
-    accepted ~0.5 a level, 2-3 tokens a step where plain steps give it 4 in that time: it
-    decoded its last 12 tokens alone, and the run lost 10-20 % to plain decoding).
+    ``batch_seconds``, ``single_seconds``: what such a step takes with all R requests and
+    with one left. In the model of :func:`_closed_batch_seconds` (fixed E[max_i S_i] +
+    per_request Σ_i S_i, S_i request i's steps to go), a token more for request i now
+    shortens S_i by 1 / E[X_i] steps, and so the run by (fixed P(i is last) +
+    per_request) / E[X_i] seconds. Requests alike are worth alike; a request likely to be
+    the last is worth up to R of the average where a step of one request costs about what
+    one of R does (Gemma at batch 4: 16-level chains drafted for three requests left the
+    fourth, whose target accepted ~0.5 a level, 2-3 tokens a step where plain steps give it
+    4 in that time: it decoded its last 12 tokens alone, and the run lost 10-20 % to plain
+    decoding).
     """
-    steps, spread, per_step = _steps_to_finish(goal, alphas, batch_seconds.numel() - 1)
-    fixed, per_request = _step_line(goal.numel(), batch_seconds, single_seconds)
-    last = _last_odds(steps.T, spread.T).T  # [R, L + 1]
-    worth = (fixed * last + per_request) / per_step
-    return worth * goal.numel() / worth.sum(0).clamp(min=1e-12)
+    steps, spread, per_step = (x[:, depth] for x in _steps_to_finish(goal, alphas, depth))
+    fixed, per_request = _step_line(
+        goal.numel(), torch.tensor(batch_seconds), torch.tensor(single_seconds)
+    )
+    worth = (fixed * _last_odds(steps, spread) + per_request) / per_step
+    return worth * goal.numel() / worth.sum().clamp(min=1e-12)
 
 
 def _last_odds(mean: Tensor, std: Tensor, points: int = 129) -> Tensor:
@@ -1019,7 +1022,7 @@ class Engine:
                 predicted = first_w + (d - 1).clamp(min=0) * level + verify_w + spec_overhead
                 seconds = ratio * predicted[: levels + 1]
                 mean_rate = R * emitted / seconds.clamp(min=1e-9)  # [levels + 1]
-                rate, worth = mean_rate, None
+                rate, closing = mean_rate, None
                 if closed and not optimistic:
                     # the batch ends with its last request: the expected seconds to finish
                     # all, at each depth, against plain decoding's (steps of one request
@@ -1033,7 +1036,7 @@ class Engine:
                     alone = ratio * alone[: levels + 1]
                     finish = _closed_batch_seconds(goal, self._alphas(i), seconds, alone)
                     rate = plain_rate * plain_finish / finish.clamp(min=1e-9)
-                    worth = _critical_weights(goal, self._alphas(i), seconds, alone)
+                    closing = (seconds, alone)  # (the worth of requests: of the chosen shape)
                 straggle = rate / mean_rate.clamp(min=1e-9)
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
@@ -1065,7 +1068,9 @@ class Engine:
                     self._planned = (first_w, level, plain_rate if optimistic else spec_rate)
                     # ρ compares a step with the models as they are, a probe's too
                     self._ratio_prices = (first, float(self.draft_latency.predict(R * w)))
-                    self._worth = None if worth is None else worth[:, k]
+                    if closing is not None:
+                        step, single = (float(x[k]) for x in closing)
+                        self._worth = _critical_weights(goal, self._alphas(i), step, single, k)
             return top
 
         k, w = best(False, sorted({1, width}))
