@@ -483,10 +483,10 @@ def _critical_weights(
     shortens S_i by 1 / E[X_i] steps, and so the run by (fixed P(i is last) +
     per_request) / E[X_i] seconds. Requests alike are worth alike; a request likely to be
     the last is worth up to R of the average where a step of one request costs about what
-    one of R does (Gemma at batch 4: 16-level chains drafted for three requests left the
-    fourth, whose target accepted ~0.5 a level, 2-3 tokens a step where plain steps give it
-    4 in that time: it decoded its last 12 tokens alone, and the run lost 10-20 % to plain
-    decoding).
+    one of R does (Gemma at batch 4: chains grew 4-6 levels for three confident requests
+    and left the fourth, whose target accepted ~0.5 a level, 1-3 tokens a step where plain
+    steps give it 4-6 in that time (a 6-level step: 480 ms, 1 token for it, 7 for two
+    others); it decoded its last tokens alone, and the run lost 5-10 % to plain decoding).
     """
     steps, spread, per_step = (x[:, depth] for x in _steps_to_finish(goal, alphas, depth))
     fixed, per_request = _step_line(
