@@ -399,13 +399,17 @@ def test_a_closed_batch_speculates_only_where_its_slowest_request_gains():
     assert plan(waiting=False) == 0
 
 
-def test_expected_max_of_normals_matches_sampling() -> None:
+def normal_samples(mean: torch.Tensor, std: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, R, n) float64 samples of independent normals N(mean, std²), mean and std (B, R)."""
     gen = torch.Generator().manual_seed(0)
-    mean = torch.tensor([[10.0, 11.0, 9.5, 10.5], [3.0, 3.0, 3.0, 3.0], [5.0, 0.0, 0.0, 0.0]])
-    std = torch.tensor([[1.0, 0.5, 2.0, 1.0], [0.3, 0.3, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0]])
-    mean, std = mean.double(), std.double()
-    noise = torch.randn(3, 4, 100_000, generator=gen, dtype=torch.float64)
-    sampled = (mean.unsqueeze(-1) + std.unsqueeze(-1) * noise).max(1).values.mean(-1)
+    noise = torch.randn(*mean.shape, n, generator=gen, dtype=torch.float64)
+    return mean.unsqueeze(-1) + std.unsqueeze(-1) * noise
+
+
+def test_expected_max_of_normals_matches_sampling() -> None:
+    mean = torch.tensor([[10, 11, 9.5, 10.5], [3, 3, 3, 3], [5, 0, 0, 0]], dtype=torch.float64)
+    std = torch.tensor([[1, 0.5, 2, 1], [0.3, 0.3, 0.3, 0.3], [0, 0, 0, 0]], dtype=torch.float64)
+    sampled = normal_samples(mean, std, 100_000).max(1).values.mean(-1)
     torch.testing.assert_close(_expected_max(mean, std), sampled, rtol=2e-3, atol=0)
 
 
@@ -458,12 +462,11 @@ def test_a_closed_batchs_expected_seconds_match_simulation(
 
 
 def test_the_odds_of_being_the_largest_of_normals_match_sampling() -> None:
-    gen = torch.Generator().manual_seed(0)
-    mean = torch.tensor([[10.0, 11.0, 9.5, 10.5], [3.0, 3.0, 3.0, 3.0], [5.0, 6.0, 4.0, 1.0]])
-    std = torch.tensor([[1.0, 0.5, 2.0, 1.0], [0.3, 0.3, 0.3, 0.3], [0.5, 0.2, 1.0, 2.0]])
-    mean, std = mean.double(), std.double()
-    noise = torch.randn(3, 4, 200_000, generator=gen, dtype=torch.float64)
-    largest = (mean.unsqueeze(-1) + std.unsqueeze(-1) * noise).argmax(1)  # [3, samples]
+    mean = torch.tensor([[10, 11, 9.5, 10.5], [3, 3, 3, 3], [5, 6, 4, 1]], dtype=torch.float64)
+    std = torch.tensor(
+        [[1, 0.5, 2, 1], [0.3, 0.3, 0.3, 0.3], [0.5, 0.2, 1, 2]], dtype=torch.float64
+    )
+    largest = normal_samples(mean, std, 200_000).argmax(1)  # [3, samples]
     sampled = torch.stack([(largest == i).double().mean(-1) for i in range(4)], -1)
     torch.testing.assert_close(_last_odds(mean, std), sampled, rtol=0, atol=5e-3)
     # no spread: the largest surely, and ties split evenly
