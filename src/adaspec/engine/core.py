@@ -466,16 +466,22 @@ def _closed_batch_seconds(
 
 def _step_line(R: int, batch_seconds: Tensor, single_seconds: Tensor) -> tuple[Tensor, Tensor]:
     """(fixed, per_request) seconds of a step, on the line through a step of R requests
-    and one of a single request (each clamped at 0)."""
+    and one of a single request. Neither is negative: where a step of R costs more than R
+    single steps, it is all per request (fixed 0, per_request batch / R), and where a step
+    of one costs more than one of R, all fixed."""
     per_request = ((batch_seconds - single_seconds) / max(R - 1, 1)).clamp(min=0)
-    return (single_seconds - per_request).clamp(min=0), per_request
+    fixed = single_seconds - per_request
+    steep = fixed < 0
+    per_request = torch.where(steep, batch_seconds / R, per_request)
+    return torch.where(steep, 0.0, fixed), per_request
 
 
 def _critical_weights(
     goal: Tensor, alphas: Tensor, batch_seconds: float, single_seconds: float, depth: int
 ) -> Tensor:
     """(R,) what a token of each request is worth to a closed batch whose steps are chains
-    of ``depth`` levels, relative to the batch's average token (the weights average 1).
+    of ``depth`` levels, relative to the average of the tokens it has still to emit
+    (Σ_i goal_i w_i = Σ_i goal_i).
 
     ``batch_seconds``, ``single_seconds``: what such a step takes with all R requests and
     with one left. In the model of :func:`_closed_batch_seconds` (fixed E[max_i S_i] +
@@ -487,13 +493,17 @@ def _critical_weights(
     and left the fourth, whose target accepted ~0.5 a level, 1-3 tokens a step where plain
     steps give it 4-6 in that time (a 6-level step: 480 ms, 1 token for it, 7 for two
     others); it decoded its last tokens alone, and the run lost 5-10 % to plain decoding).
+    Relative to the average token still to emit, since that is what the long-run rate a
+    level must beat averages over (Σ_i goal_i w_i is about the run's seconds over theirs).
     """
     steps, spread, per_step = (x[:, depth] for x in _steps_to_finish(goal, alphas, depth))
     fixed, per_request = _step_line(
-        goal.numel(), torch.tensor(batch_seconds), torch.tensor(single_seconds)
+        goal.numel(),
+        torch.tensor(batch_seconds, dtype=torch.float64),
+        torch.tensor(single_seconds, dtype=torch.float64),
     )
     worth = (fixed * _last_odds(steps, spread) + per_request) / per_step
-    return worth * goal.numel() / worth.sum().clamp(min=1e-12)
+    return worth * goal.sum() / (goal * worth).sum().clamp(min=1e-12)
 
 
 def _last_odds(mean: Tensor, std: Tensor, points: int = 129) -> Tensor:
@@ -501,8 +511,9 @@ def _last_odds(mean: Tensor, std: Tensor, points: int = 129) -> Tensor:
 
     ``mean``, ``std``: (..., R) float64 -> (..., R), summing to 1. P(X_i largest) =
     ∫ Π_{j≠i} Φ_j dΦ_i over [lo, hi] as in :func:`_expected_max` (below lo some X_j is
-    surely larger), summed over ``points`` grid cells with the others' product at each
-    cell's midpoint (so a request with no spread is a step of Φ_i, and ties split evenly).
+    surely larger), summed over the ``points - 1`` cells of a grid with the others'
+    product the mean of its values at each cell's ends (so a request with no spread is a
+    step of Φ_i, and ties split evenly).
     """
     std = std.clamp(min=1e-9)
     hi = (mean + 6 * std).max(-1).values
@@ -607,7 +618,7 @@ class Engine:
         # ... and the first and further levels as the draft's latency model prices them now
         self._ratio_prices: tuple[float, float] | None = None
         # ... and (R,) what a token of each request is worth to a closed batch, relative to
-        # the average token (None: alike; see _critical_weights)
+        # the average token still to emit (None: alike; see _critical_weights)
         self._worth: Tensor | None = None
         self._plain_streak = 0  # plain steps since the last speculative one
         # decayed sums over chain steps: tokens emitted per request, levels grown, steps
@@ -909,7 +920,7 @@ class Engine:
         batch = (tuple(r.id for r in self._active), bool(self._waiting))
         if self._unplanned > 0 and self._unplanned_for == batch:
             self._unplanned -= 1
-            self._planned, self._spec_streak = None, 0
+            self._planned, self._worth, self._spec_streak = None, None, 0
             logger.debug("plan R=%d: plain, unplanned (%d more)", R, self._unplanned)
             return 0, width
         self._unplanned = 0
@@ -933,7 +944,7 @@ class Engine:
             # was not enough: the first plain step after a prefill of 4 Gemma prompts took
             # 98 ms, the next ones 74-91, and priced by it the plan speculated at a loss);
             # a batch growing request by request pays two per doubling
-            self._planned = None
+            self._planned = self._worth = None
             return 0, width
         cap = min(cap, left)
         depth = min(depth, left - 1)
@@ -1036,7 +1047,7 @@ class Engine:
                     alone = ratio * alone[: levels + 1]
                     finish = _closed_batch_seconds(goal, self._alphas(i), seconds, alone)
                     rate = plain_rate * plain_finish / finish.clamp(min=1e-9)
-                    closing = (seconds, alone)  # (the worth of requests: of the chosen shape)
+                    closing = (seconds, alone)  # (the requests' worth: at the chosen depth)
                 straggle = rate / mean_rate.clamp(min=1e-9)
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
