@@ -412,12 +412,27 @@ def _expected_max(mean: Tensor, std: Tensor, points: int = 33) -> Tensor:
     and E[max X] = lo + ∫ P(max X > x) dx over [lo, hi], where P(max X > x) is
     1 - Π_i Φ((x - mean_i) / std_i) (trapezoid rule on ``points`` points).
     """
+    x, below = _grid_of_max(mean, std, points)
+    return x[..., 0] + torch.trapezoid(1 - below.prod(-2), x, dim=-1)
+
+
+def _grid_of_max(
+    mean: Tensor, std: Tensor, points: int, *, cell_below: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The grid the maximum of independent normals is integrated on, over the last dim.
+
+    ``mean``, ``std``: (..., R) float64 -> x (..., points) from lo = max_i (mean - 6 std)
+    (one cell lower with ``cell_below``) to hi = max_i (mean + 6 std), and each X_i's
+    CDF Φ((x - mean_i) / std_i) there (..., R, points); std at least 1e-9.
+    """
     std = std.clamp(min=1e-9)
     lo = (mean - 6 * std).max(-1).values
     hi = (mean + 6 * std).max(-1).values
+    if cell_below:
+        lo = lo - (hi - lo) / (points - 1)
     x = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * torch.linspace(0, 1, points, dtype=lo.dtype)
     below = torch.special.ndtr((x.unsqueeze(-2) - mean.unsqueeze(-1)) / std.unsqueeze(-1))
-    return lo + torch.trapezoid(1 - below.prod(-2), x, dim=-1)
+    return x, below
 
 
 def _steps_to_finish(goal: Tensor, alphas: Tensor, depths: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -515,12 +530,8 @@ def _last_odds(mean: Tensor, std: Tensor, points: int = 129) -> Tensor:
     product the mean of its values at each cell's ends (so a request with no spread is a
     step of Φ_i, and ties split evenly).
     """
-    std = std.clamp(min=1e-9)
-    hi = (mean + 6 * std).max(-1).values
-    lo = (mean - 6 * std).max(-1).values
-    lo = lo - (hi - lo) / (points - 1)  # (a cell below: a request with no spread may be lo)
-    x = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * torch.linspace(0, 1, points, dtype=lo.dtype)
-    below = torch.special.ndtr((x.unsqueeze(-2) - mean.unsqueeze(-1)) / std.unsqueeze(-1))
+    # (a cell below lo: a request with no spread may sit at lo)
+    _, below = _grid_of_max(mean, std, points, cell_below=True)
     # [..., R, points]: the product of every other request's Φ (exclusive prefix x suffix)
     ones = torch.ones_like(below[..., :1, :])
     prefix = torch.cat([ones, below[..., :-1, :]], -2).cumprod(-2)
@@ -1045,9 +1056,10 @@ class Engine:
                         + spec_overhead
                     )
                     alone = ratio * alone[: levels + 1]
-                    finish = _closed_batch_seconds(goal, self._alphas(i), seconds, alone)
+                    alphas = self._alphas(i)
+                    finish = _closed_batch_seconds(goal, alphas, seconds, alone)
                     rate = plain_rate * plain_finish / finish.clamp(min=1e-9)
-                    closing = (seconds, alone)  # (the requests' worth: at the chosen depth)
+                    closing = (seconds, alone, alphas)  # (the requests' worth, at depth k)
                 straggle = rate / mean_rate.clamp(min=1e-9)
                 k = int(rate[1:].argmax()) + 1
                 spec_rate = float(rate[k])
@@ -1080,8 +1092,10 @@ class Engine:
                     # ρ compares a step with the models as they are, a probe's too
                     self._ratio_prices = (first, float(self.draft_latency.predict(R * w)))
                     if closing is not None:
-                        step, single = (float(x[k]) for x in closing)
-                        self._worth = _critical_weights(goal, self._alphas(i), step, single, k)
+                        seconds_k, alone_k, alphas = closing
+                        self._worth = _critical_weights(
+                            goal, alphas, float(seconds_k[k]), float(alone_k[k]), k
+                        )
             return top
 
         k, w = best(False, sorted({1, width}))
