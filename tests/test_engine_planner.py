@@ -4,7 +4,7 @@ and how it keeps plain decoding measured."""
 import pytest
 import torch
 
-from adaspec.engine import Engine, EngineConfig
+from adaspec.engine import SLO, Engine, EngineConfig
 from adaspec.engine.core import (
     _PROBE_EVERY,
     _PROFILES,
@@ -15,6 +15,7 @@ from adaspec.engine.core import (
     _critical_weights,
     _expected_max,
     _last_odds,
+    _on_slo_share,
     _step_line,
 )
 from adaspec.models import tiny_model
@@ -709,3 +710,71 @@ def test_plain_steps_measured_at_a_batch_size_price_plain_decoding_there():
     assert steps == 2
     assert seconds < 1.0  # the quicker of the first two
     assert eng._plain_rate(1) == pytest.approx(1 / seconds)
+
+
+def test_the_on_slo_share_counts_the_tokens_of_requests_that_stay_on_their_slo() -> None:
+    # two requests, 10 tokens decoded in 1 s, 10 to go; SLOs of 0.1 s a token and none.
+    # At 0.1 s a token the first ends at 2 s for 20 tokens: on its SLO; at 0.2, 3 s: off
+    pace = torch.tensor([[0.1, 0.2], [0.1, 0.2]], dtype=torch.float64)  # [R, shapes]
+    args = [torch.tensor(x, dtype=torch.float64) for x in ([1, 1], [10, 10], [10, 10], [0.1, 0])]
+    share, worth = _on_slo_share(pace, *args)
+    torch.testing.assert_close(share, torch.tensor([1.0, (0.1 + 1) / 2], dtype=torch.float64))
+    torch.testing.assert_close(worth, torch.tensor([[1.0, 0.1], [1.0, 1.0]], dtype=torch.float64))
+    # each request's tokens weigh by its pace: a request twice as fast emits twice the share
+    pace = torch.tensor([[0.2], [0.1]], dtype=torch.float64)
+    share, _ = _on_slo_share(pace, *args)
+    torch.testing.assert_close(share, torch.tensor([(0.1 * 5 + 10) / 15], dtype=torch.float64))
+
+
+def slo_plan(draft_cost: float, good_slo: float | None, poor_slo: float | None) -> int:
+    """The depth the plan chooses for two requests (one waits to join, so the batch is open):
+    the target accepts 97 % of the draft's levels for one and 30 % for the other, each
+    with its SLO (seconds per token; plain steps of both take 52 ms)."""
+    return slo_engine(draft_cost, good_slo, poor_slo)._plan_shape(2, 4, 1)[0]
+
+
+def slo_engine(
+    draft_cost: float, good_slo: float | None, poor_slo: float | None, poor_hits: float = 30.0
+) -> Engine:
+    eng = planned(draft_cost, max_new_tokens=64)
+    eng.add_request([5, 6], max_new_tokens=64)
+    eng._admit()
+    good, poor = eng._active
+    good.trials[0], good.hits[0] = 100.0, 97.0
+    poor.trials[0], poor.hits[0] = 100.0, poor_hits
+    good.slo = SLO(good_slo) if good_slo is not None else None
+    poor.slo = SLO(poor_slo) if poor_slo is not None else None
+    eng._plain_streak = 1
+    eng.add_request([7], max_new_tokens=64)
+    return eng
+
+
+def test_with_slos_the_plan_chooses_the_shape_with_the_most_goodput() -> None:
+    """Speculation that loses throughput but is the only way the confident request meets
+    its SLO (40 ms a token, plain steps take 52) is chosen; speculation that wins
+    throughput but takes the other request past its SLO (60 ms a token) is not."""
+    assert slo_plan(0.4, None, None) == 0  # plain decoding: the most tokens per second
+    assert slo_plan(0.4, 0.040, None) > 0  # ... but only speculation keeps it on its SLO
+    assert slo_plan(0.4, 1.0, 1.0) == 0  # SLOs every shape meets leave it to throughput
+    # no shape keeps the poorly predicted one on its SLO: its tokens count little, and the
+    # other's tokens come fastest in chains
+    assert slo_plan(0.4, None, 0.040) > 0
+    assert slo_plan(0.3, None, None) > 0  # speculation: the most tokens per second
+    assert slo_plan(0.3, None, 0.060) == 0  # ... but it takes the other one off its SLO
+
+
+def test_the_level_rule_counts_the_tokens_of_a_request_off_its_slo_for_little() -> None:
+    """Two requests the target accepts 97 % of the time; no shape keeps the second on its
+    SLO (1 ms a token). A level the draft is sure of only for the second does not pay."""
+    eng = slo_engine(0.3, None, 0.001, poor_hits=97.0)
+    assert eng._plan_shape(2, 4, 1)[0] > 0
+    assert eng._worth is not None
+    torch.testing.assert_close(eng._worth, torch.tensor([1.0, 0.1], dtype=torch.float64))
+    eng.calibrator = None
+    f = [[0.9, 0.8, 0.1], [0.95, 0.9, 0.9]]  # the draft's f along each chain
+    logp = torch.tensor([[1.0, *row] for row in f]).log()
+    tree = TokenTree(torch.full((2, 4), 7), torch.tensor([[-1, 0, 1, 2]] * 2), logp)
+    frontier = torch.tensor([[3]] * 2)
+    assert eng._level_rule(2, 1)(tree, frontier)
+    eng._worth = None  # every token alike: the second's sure tokens pay for a level
+    assert not eng._level_rule(2, 1)(tree, frontier)

@@ -128,6 +128,9 @@ _CATCH_UP_MIN = 8
 # 1-3 ms: 2-3 % of a plain Gemma step at batch 16-32, where plain decoding wins throughout)
 _REPLAN_HEADROOM = 0.9
 _REPLAN_GAP = 4
+# with SLOs, the plan weighs a step's tokens by whether their request stays on its SLO
+# (goodput): a token of a request off it is worth this much of one on it
+_MISSED_WORTH = 0.1
 
 
 @dataclass
@@ -190,8 +193,10 @@ class EngineConfig:
         adaptive_shape: shrink the beam as the batch grows (AdaServe): each request's beam
             is limited to about ``4 * max_tokens_per_step / R`` nodes.
         max_per_request: cap on the nodes one request may have verified per step.
-        budget: total tree nodes verified per step, or ``"auto"``: the budget that maximises
-            expected emitted tokens per second under the step-latency model, never below
+        budget: total tree nodes verified per step, or ``"auto"``: each step's shape (plain,
+            a chain, a beam; its depth) and budget are planned for the most expected
+            emitted tokens per second under the step-latency model (with ``"slo"``
+            selection, tokens of requests on their SLO: goodput), the budget never below
             what the requests' SLO needs take.
         max_tokens_per_step: upper bound of the auto budget.
         max_batch: live requests at most; more wait in a queue.
@@ -542,6 +547,31 @@ def _last_odds(mean: Tensor, std: Tensor, points: int = 129) -> Tensor:
     return odds / odds.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
+def _on_slo_share(
+    seconds_per_token: Tensor, elapsed: Tensor, decoded: Tensor, to_go: Tensor, tpot: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The share of a step's tokens that goodput counts, per shape of step, and what each
+    request's tokens are worth at each.
+
+    ``seconds_per_token``: (R, L) what each request's next tokens would take in steps of
+    each of L shapes; ``elapsed``, ``decoded``, ``to_go``, ``tpot``: (R,) its decode time so
+    far, tokens decoded since its first, tokens still to emit, and SLO (seconds per output
+    token, 0 for none). A request is on its SLO where its decode time at the end, the
+    elapsed time plus its remaining tokens at that shape's pace, stays within SLO x its
+    tokens after the first; one without an SLO always is. Tokens of a request off its
+    SLO count ``_MISSED_WORTH`` of one on it (goodput counts them 0; they still finish the
+    request, and an SLO out of every shape's reach leaves the choice to throughput).
+    -> (L,) float64 in (0, 1]: the on-SLO share of the tokens a step emits at each shape,
+    and (R, L) each request's tokens' worth there (1 on its SLO, ``_MISSED_WORTH`` off it).
+    """
+    rate = 1 / seconds_per_token.clamp(min=1e-12)  # [R, L] tokens per second
+    done = elapsed.unsqueeze(1) + to_go.unsqueeze(1) * seconds_per_token
+    span = (decoded + to_go).clamp(min=1).unsqueeze(1)
+    on = (tpot <= 0).unsqueeze(1) | (done <= tpot.unsqueeze(1) * span)
+    worth = torch.where(on, 1.0, _MISSED_WORTH).to(rate.dtype)
+    return (worth * rate).sum(0) / rate.sum(0), worth
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -628,9 +658,11 @@ class Engine:
         self._planned: tuple[float, float, float] | None = None
         # ... and the first and further levels as the draft's latency model prices them now
         self._ratio_prices: tuple[float, float] | None = None
-        # ... and (R,) what a token of each request is worth to a closed batch, relative to
-        # the average token still to emit (None: alike; see _critical_weights)
+        # ... and (R,) what a token of each request is worth: to a closed batch, relative to
+        # the average token still to emit (see _critical_weights), and with SLOs less where
+        # its request is off its SLO (see _on_slo_share); None: alike
         self._worth: Tensor | None = None
+        self._plain_share = 1.0  # the plan's on-SLO share of plain decoding's tokens
         self._plain_streak = 0  # plain steps since the last speculative one
         # decayed sums over chain steps: tokens emitted per request, levels grown, steps
         self._chain_steps = [0.0, 0.0, 0.0]
@@ -904,8 +936,11 @@ class Engine:
         than so predicted (plain steps one ratio, speculative ones one per kind and class
         of batch size); a request emits 1 + α + α² + ... + α^d tokens,
         where α is the rate at which the target accepts a drafted level the accepted path
-        reached (per width, see :meth:`_alpha`). Per-request time per token follows the
-        same ratio, so this choice also serves the SLOs best. A chosen chain is returned at
+        reached (per width, see :meth:`_alpha`). With SLOs (and SLO selection) a rate counts
+        the tokens of requests that the shape keeps on their SLO, each request at its own
+        acceptance rate (goodput, see :func:`_on_slo_share`): a shape that alone keeps a
+        request on its SLO can beat plain decoding's tokens per second, and one that takes
+        a request off it loses to fewer tokens per second. A chosen chain is returned at
         its longest (``_CHAIN_DEPTHS`` x ``depth``, within the step's token bound and the
         per-request cap): :meth:`_level_rule` ends it where the draft's confidence no
         longer pays (a probe keeps the depth its optimistic rate was best at).
@@ -1010,10 +1045,32 @@ class Engine:
             )
             plain_finish = float(_closed_batch_seconds(goal, torch.zeros_like(goal), many, one)[0])
 
+        # with SLOs (and SLO selection), rates count the tokens of requests on their SLO
+        # (goodput; see _on_slo_share) at each request's own pace at a shape
+        tpot = torch.tensor(
+            [r.slo.tpot if r.slo is not None else 0.0 for r in self._active], dtype=torch.float64
+        )
+        slo_args: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        plain_share = 1.0
+        if self.config.selection == "slo" and bool((tpot > 0).any()):
+            now = time.perf_counter()
+            elapsed = torch.tensor(
+                [now - r.start if r.start is not None else 0.0 for r in self._active],
+                dtype=torch.float64,
+            )
+            decoded = torch.tensor(
+                [max(len(r.output) - 1, 0) for r in self._active], dtype=torch.float64
+            )
+            slo_args = (elapsed, decoded, goal, tpot)
+            pace = torch.full((R, 1), R / plain_rate, dtype=torch.float64)
+            plain_share = float(_on_slo_share(pace, *slo_args)[0][0])
+        self._plain_share = plain_share  # (the level rule's yardstick is plain goodput)
+
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
             """(depth, width) of the best shape; depth 0 when plain decoding wins."""
             nonlocal headroom
-            top_rate, top = (1.0 if speculating else _MARGIN) * plain_rate, (0, width)
+            plain_good = plain_share * plain_rate
+            top_rate, top = (1.0 if speculating else _MARGIN) * plain_good, (0, width)
             self._planned = self._worth = None
             for w in widths:
                 i = 0 if w == 1 else 1
@@ -1061,7 +1118,15 @@ class Engine:
                     rate = plain_rate * plain_finish / finish.clamp(min=1e-9)
                     closing = (seconds, alone, alphas)  # (the requests' worth, at depth k)
                 straggle = rate / mean_rate.clamp(min=1e-9)
-                k = int(rate[1:].argmax()) + 1
+                share, slo_worth = torch.ones_like(rate), None
+                if slo_args is not None:
+                    # each request's tokens a step (none beyond what it has left)
+                    alphas_i = self._alphas(i).unsqueeze(1)  # [R, 1]
+                    kept = d[: levels + 1] < goal.unsqueeze(1)  # [R, levels + 1]
+                    tokens_i = torch.where(kept, alphas_i ** d[: levels + 1], 0.0).cumsum(1)
+                    pace = seconds / tokens_i  # [R, levels + 1] seconds per token
+                    share, slo_worth = _on_slo_share(pace, *slo_args)
+                k = int((rate * share)[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 if w == 1 and not optimistic and self._chain_steps[2] > 0:
                     # what chains really did: their depth follows the draft's confidence,
@@ -1074,21 +1139,22 @@ class Engine:
                 # optimistic rate) needs the margin on the whole, catch-up included (SmolLM2
                 # at batch 4: a 1.6 s plan that beat plain decoding by 0.6 % switched, and
                 # its catch-up of four prompts took 0.76 s, not the 0.56 s priced)
-                after = catch_up_s + remaining / spec_rate
-                repaid = remaining / plain_rate > (1.0 if speculating else _MARGIN) * after
+                spec_good = spec_rate * float(share[k])
+                after = catch_up_s + remaining / spec_good
+                repaid = remaining / plain_good > (1.0 if speculating else _MARGIN) * after
                 if optimistic:
                     repaid &= catch_up_s <= _PROBE_CATCH_UP * remaining / plain_rate
                 logger.debug(
-                    "plan R=%d width %d%s: alpha %.3f k %d %.1f tok/s vs plain %.1f, "
-                    "catch-up %.3f s, %d tokens to go",
+                    "plan R=%d width %d%s: alpha %.3f k %d %.1f tok/s vs plain %.1f "
+                    "(on SLO: %.2f vs %.2f), catch-up %.3f s, %d tokens to go",
                     R, w, " (probe)" if optimistic else "", alpha, k, spec_rate,
-                    plain_rate, catch_up_s, remaining,
+                    plain_rate, float(share[k]), plain_share, catch_up_s, remaining,
                 )  # fmt: skip
-                headroom = max(headroom, spec_rate / top_rate)
-                if spec_rate > top_rate and repaid:
-                    top_rate, top = spec_rate, (k, w)
+                headroom = max(headroom, spec_good / top_rate)
+                if spec_good > top_rate and repaid:
+                    top_rate, top = spec_good, (k, w)
                     # a probe's optimistic rate is no yardstick: it must only beat plain
-                    self._planned = (first_w, level, plain_rate if optimistic else spec_rate)
+                    self._planned = (first_w, level, plain_good if optimistic else spec_good)
                     # ρ compares a step with the models as they are, a probe's too
                     self._ratio_prices = (first, float(self.draft_latency.predict(R * w)))
                     if closing is not None:
@@ -1096,6 +1162,9 @@ class Engine:
                         self._worth = _critical_weights(
                             goal, alphas, float(seconds_k[k]), float(alone_k[k]), k
                         )
+                    if slo_worth is not None:  # tokens off their SLO count less
+                        on_slo = slo_worth[:, k]
+                        self._worth = on_slo if self._worth is None else self._worth * on_slo
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -1222,7 +1291,8 @@ class Engine:
         d lowered by (α_i / α)^d, and a level a request cannot emit (beyond what it has
         left) adds nothing for it. In a closed batch, each request's tokens count by what
         they shorten the batch's run (see :func:`_critical_weights`): the request likely to
-        finish last, most.
+        finish last, most. With SLOs, the rates are goodput (the plan's, see
+        :meth:`_plan_shape`) and the tokens of a request off its SLO count ``_MISSED_WORTH``.
         """
         assert self._planned is not None
         _, level, long_run = self._planned
@@ -1236,13 +1306,14 @@ class Engine:
         def verify(tokens: float) -> Tensor:
             return self.verify_latency.predict(tokens, best=optimistic)
 
-        plain_rate = self._plain_rate(R)
+        plain_rate, plain_share = self._plain_rate(R), self._plain_share
         calibrator = self.calibrator
         # (Gemma at batch 4: one MT-bench request accepted ~0.7 a level against the pair's
         # 0.9, and its chains grew 5-8 levels on the pair's calibrated f, then lost the
         # first token; its tail steps alone took 200-280 ms for 1-3 tokens)
         below = (self._alphas(kind) / self._pair_alpha(kind)).clamp(max=1.0)  # [R]
-        # in a closed batch, tokens of the request likely to finish last count most
+        # in a closed batch, tokens of the request likely to finish last count most; with
+        # SLOs, those of a request off its SLO least
         worth = self._worth
         if worth is None or worth.numel() != R:
             worth = torch.ones(R, dtype=torch.float64)
@@ -1258,7 +1329,7 @@ class Engine:
             gain = float((f.sum(1) * worth).sum())
             n = min(R * (int(tree.depth.max()) * width + 1), cap)
             more = ratio * (level + float(verify(min(n + R * width, cap))) - float(verify(n)))
-            return gain < max(long_run, plain_rate) * more
+            return gain < max(long_run, plain_rate * plain_share) * more
 
         return stop
 
