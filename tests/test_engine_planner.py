@@ -713,17 +713,28 @@ def test_plain_steps_measured_at_a_batch_size_price_plain_decoding_there():
 
 
 def test_the_on_slo_share_counts_the_tokens_of_requests_that_stay_on_their_slo() -> None:
-    # two requests, 10 tokens decoded in 1 s, 10 to go; SLOs of 0.1 s a token and none.
-    # At 0.1 s a token the first ends at 2 s for 20 tokens: on its SLO; at 0.2, 3 s: off
+    # two requests, 10 tokens decoded in 1 s, 10 to go; SLOs of 0.12 s a token and none.
+    # At 0.1 s a token the first ends at 2 s, well within 0.12 x 20 tokens = 2.4 s: on its
+    # SLO; at 0.2 s, 3 s: off it (each 3 or 4 spreads of its remaining time away)
     pace = torch.tensor([[0.1, 0.2], [0.1, 0.2]], dtype=torch.float64)  # [R, shapes]
-    args = [torch.tensor(x, dtype=torch.float64) for x in ([1, 1], [10, 10], [10, 10], [0.1, 0])]
+    args = [torch.tensor(x, dtype=torch.float64) for x in ([1, 1], [10, 10], [10, 10], [0.12, 0])]
     share, worth = _on_slo_share(pace, *args)
-    torch.testing.assert_close(share, torch.tensor([1.0, (0.1 + 1) / 2], dtype=torch.float64))
-    torch.testing.assert_close(worth, torch.tensor([[1.0, 0.1], [1.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        share, torch.tensor([1.0, 0.55], dtype=torch.float64), atol=2e-3, rtol=0
+    )
+    torch.testing.assert_close(
+        worth, torch.tensor([[1.0, 0.1], [1.0, 1.0]], dtype=torch.float64), atol=2e-3, rtol=0
+    )
     # each request's tokens weigh by its pace: a request twice as fast emits twice the share
     pace = torch.tensor([[0.2], [0.1]], dtype=torch.float64)
     share, _ = _on_slo_share(pace, *args)
-    torch.testing.assert_close(share, torch.tensor([(0.1 * 5 + 10) / 15], dtype=torch.float64))
+    torch.testing.assert_close(
+        share, torch.tensor([(0.1 * 5 + 10) / 15], dtype=torch.float64), atol=2e-3, rtol=0
+    )
+    # exactly on its SLO at the end: even odds, halfway between off (0.1) and on (1)
+    args[3] = torch.tensor([0.1, 0.0], dtype=torch.float64)
+    _, worth = _on_slo_share(torch.tensor([[0.1], [0.1]], dtype=torch.float64), *args)
+    assert float(worth[0, 0]) == pytest.approx(0.55)
 
 
 def slo_plan(draft_cost: float, good_slo: float | None, poor_slo: float | None) -> int:
@@ -769,7 +780,9 @@ def test_the_level_rule_counts_the_tokens_of_a_request_off_its_slo_for_little() 
     eng = slo_engine(0.3, None, 0.001, poor_hits=97.0)
     assert eng._plan_shape(2, 4, 1)[0] > 0
     assert eng._worth is not None
-    torch.testing.assert_close(eng._worth, torch.tensor([1.0, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(
+        eng._worth, torch.tensor([1.0, 0.1], dtype=torch.float64), atol=1e-3, rtol=0
+    )
     eng.calibrator = None
     f = [[0.9, 0.8, 0.1], [0.95, 0.9, 0.9]]  # the draft's f along each chain
     logp = torch.tensor([[1.0, *row] for row in f]).log()

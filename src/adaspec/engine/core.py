@@ -131,6 +131,9 @@ _REPLAN_GAP = 4
 # with SLOs, the plan weighs a step's tokens by whether their request stays on its SLO
 # (goodput): a token of a request off it is worth this much of one on it
 _MISSED_WORTH = 0.1
+# ... with the odds that it stays on it: its remaining time at a shape's pace, normal with
+# this relative spread (single steps vary by about 10 %)
+_PACE_SPREAD = 0.1
 
 
 @dataclass
@@ -558,17 +561,22 @@ def _on_slo_share(
     far, tokens decoded since its first, tokens still to emit, and SLO (seconds per output
     token, 0 for none). A request is on its SLO where its decode time at the end, the
     elapsed time plus its remaining tokens at that shape's pace, stays within SLO x its
-    tokens after the first; one without an SLO always is. Tokens of a request off its
-    SLO count ``_MISSED_WORTH`` of one on it (goodput counts them 0; they still finish the
-    request, and an SLO out of every shape's reach leaves the choice to throughput).
+    tokens after the first; one without an SLO always is. The pace is uncertain (single
+    steps vary by about ``_PACE_SPREAD``), so a request is on its SLO with the normal odds
+    of that, not by a hard line a request near its SLO would cross back and forth between
+    steps. Tokens of a request off its SLO count ``_MISSED_WORTH`` of one on it (goodput
+    counts them 0; they still finish the request, and an SLO out of every shape's reach
+    leaves the choice to throughput).
     -> (L,) float64 in (0, 1]: the on-SLO share of the tokens a step emits at each shape,
-    and (R, L) each request's tokens' worth there (1 on its SLO, ``_MISSED_WORTH`` off it).
+    and (R, L) each request's tokens' worth there (from ``_MISSED_WORTH`` off its SLO to
+    1 on it).
     """
     rate = 1 / seconds_per_token.clamp(min=1e-12)  # [R, L] tokens per second
-    done = elapsed.unsqueeze(1) + to_go.unsqueeze(1) * seconds_per_token
-    span = (decoded + to_go).clamp(min=1).unsqueeze(1)
-    on = (tpot <= 0).unsqueeze(1) | (done <= tpot.unsqueeze(1) * span)
-    worth = torch.where(on, 1.0, _MISSED_WORTH).to(rate.dtype)
+    rest = to_go.unsqueeze(1) * seconds_per_token  # [R, L] seconds to its last token
+    slack = tpot.unsqueeze(1) * (decoded + to_go).unsqueeze(1) - elapsed.unsqueeze(1) - rest
+    odds = torch.special.ndtr(slack / (_PACE_SPREAD * rest).clamp(min=1e-12))
+    odds = torch.where((tpot <= 0).unsqueeze(1), 1.0, odds)
+    worth = _MISSED_WORTH + (1 - _MISSED_WORTH) * odds
     return (worth * rate).sum(0) / rate.sum(0), worth
 
 
