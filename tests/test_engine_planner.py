@@ -789,5 +789,35 @@ def test_the_level_rule_counts_the_tokens_of_a_request_off_its_slo_for_little() 
     tree = TokenTree(torch.full((2, 4), 7), torch.tensor([[-1, 0, 1, 2]] * 2), logp)
     frontier = torch.tensor([[3]] * 2)
     assert eng._level_rule(2, 1)(tree, frontier)
-    eng._worth = None  # every token alike: the second's sure tokens pay for a level
+    # every token alike (against the same goodput yardstick): the second's sure tokens
+    # pay for a level
+    eng._worth = None
     assert not eng._level_rule(2, 1)(tree, frontier)
+
+
+def test_the_worth_of_tokens_off_their_slo_is_that_of_the_shape_chosen() -> None:
+    """A chain beats plain decoding, then a beam beats the chain: the level rule weighs
+    the tokens by the beam's worth alone (once, not the chain's times the beam's)."""
+    eng = slo_engine(0.1, None, 0.001, poor_hits=97.0)
+    eng._accept_trials[1], eng._accept_hits[1] = 100.0, 99.0
+    for request in eng._active:
+        request.trials[0], request.hits[0] = 100.0, 60.0  # chains: 0.6 a level
+        request.trials[1], request.hits[1] = 100.0, 99.0  # beams: 0.99
+    assert eng._plan_shape(2, 4, 4) == (4, 4)
+    assert eng._worth is not None
+    torch.testing.assert_close(
+        eng._worth, torch.tensor([1.0, 0.1], dtype=torch.float64), atol=1e-3, rtol=0
+    )
+
+
+def test_plain_decoding_is_planned_every_step_while_a_request_may_slide_off_its_slo() -> None:
+    def unplanned(slo: float) -> int:
+        eng = planned(1.0)  # a draft as slow as the target: plain decoding wins by far
+        eng._plain_streak, eng._plain_seconds[1] = 1, (0.051, 2)
+        eng._active[0].slo = SLO(slo)
+        assert eng._plan_shape(1, 4, 1) == (0, 1)
+        return eng._unplanned
+
+    assert unplanned(1.0) == _REPLAN_GAP  # sure to stay on its SLO: plans are skipped
+    assert unplanned(1e-4) == _REPLAN_GAP  # sure to miss it: no plan can help
+    assert unplanned(0.051) == 0  # plain decoding's own pace: even odds, plan each step

@@ -132,7 +132,8 @@ _REPLAN_GAP = 4
 # (goodput): a token of a request off it is worth this much of one on it
 _MISSED_WORTH = 0.1
 # ... with the odds that it stays on it: its remaining time at a shape's pace, normal with
-# this relative spread (single steps vary by about 10 %)
+# this relative spread (a model error of the pace as a whole, not of independent steps:
+# single steps vary by about 10 %, and the pace model's prices by as much)
 _PACE_SPREAD = 0.1
 
 
@@ -567,7 +568,7 @@ def _on_slo_share(
     steps. Tokens of a request off its SLO count ``_MISSED_WORTH`` of one on it (goodput
     counts them 0; they still finish the request, and an SLO out of every shape's reach
     leaves the choice to throughput).
-    -> (L,) float64 in (0, 1]: the on-SLO share of the tokens a step emits at each shape,
+    -> (L,) float64 in [``_MISSED_WORTH``, 1]: the on-SLO share of the tokens a step emits at each shape,
     and (R, L) each request's tokens' worth there (from ``_MISSED_WORTH`` off its SLO to
     1 on it).
     """
@@ -1059,7 +1060,7 @@ class Engine:
             [r.slo.tpot if r.slo is not None else 0.0 for r in self._active], dtype=torch.float64
         )
         slo_args: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        plain_share = 1.0
+        plain_share, at_risk = 1.0, False
         if self.config.selection == "slo" and bool((tpot > 0).any()):
             now = time.perf_counter()
             elapsed = torch.tensor(
@@ -1071,7 +1072,11 @@ class Engine:
             )
             slo_args = (elapsed, decoded, goal, tpot)
             pace = torch.full((R, 1), R / plain_rate, dtype=torch.float64)
-            plain_share = float(_on_slo_share(pace, *slo_args)[0][0])
+            share, plain_worth = _on_slo_share(pace, *slo_args)
+            plain_share = float(share[0])
+            # a request whose odds at plain decoding's pace are neither sure nor lost
+            in_play = (plain_worth > _MISSED_WORTH + 0.01) & (plain_worth < 0.99)
+            at_risk = bool(in_play.any())
         self._plain_share = plain_share  # (the level rule's yardstick is plain goodput)
 
         def best(optimistic: bool, widths: list[int]) -> tuple[int, int]:
@@ -1133,7 +1138,9 @@ class Engine:
                     kept = d[: levels + 1] < goal.unsqueeze(1)  # [R, levels + 1]
                     tokens_i = torch.where(kept, alphas_i ** d[: levels + 1], 0.0).cumsum(1)
                     pace = seconds / tokens_i  # [R, levels + 1] seconds per token
-                    share, slo_worth = _on_slo_share(pace, *slo_args)
+                    # (a catch-up first delays every request by its seconds)
+                    elapsed, *rest = slo_args
+                    share, slo_worth = _on_slo_share(pace, elapsed + catch_up_s, *rest)
                 k = int((rate * share)[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 if w == 1 and not optimistic and self._chain_steps[2] > 0:
@@ -1148,7 +1155,8 @@ class Engine:
                 # at batch 4: a 1.6 s plan that beat plain decoding by 0.6 % switched, and
                 # its catch-up of four prompts took 0.76 s, not the 0.56 s priced)
                 spec_good = spec_rate * float(share[k])
-                after = catch_up_s + remaining / spec_good
+                # (in goodput: the catch-up delays every token, on its SLO or not)
+                after = (catch_up_s + remaining / spec_rate) / float(share[k])
                 repaid = remaining / plain_good > (1.0 if speculating else _MARGIN) * after
                 if optimistic:
                     repaid &= catch_up_s <= _PROBE_CATCH_UP * remaining / plain_rate
@@ -1165,14 +1173,17 @@ class Engine:
                     self._planned = (first_w, level, plain_good if optimistic else spec_good)
                     # ρ compares a step with the models as they are, a probe's too
                     self._ratio_prices = (first, float(self.draft_latency.predict(R * w)))
+                    # (built afresh for each shape that wins: a beam after a chain)
+                    worth = None
                     if closing is not None:
                         seconds_k, alone_k, alphas = closing
-                        self._worth = _critical_weights(
+                        worth = _critical_weights(
                             goal, alphas, float(seconds_k[k]), float(alone_k[k]), k
                         )
                     if slo_worth is not None:  # tokens off their SLO count less
                         on_slo = slo_worth[:, k]
-                        self._worth = on_slo if self._worth is None else self._worth * on_slo
+                        worth = on_slo if worth is None else worth * on_slo
+                    self._worth = worth
             return top
 
         k, w = best(False, sorted({1, width}))
@@ -1209,7 +1220,12 @@ class Engine:
             self._probed = self._optimistic = k > 0
             if k > 0:
                 return k, w
-        if headroom < _REPLAN_HEADROOM and self._plain_seconds.get(R, (0.0, 0))[1] >= 2:
+        # (not while a request may slide off its SLO: each plan weighs that anew)
+        if (
+            headroom < _REPLAN_HEADROOM
+            and self._plain_seconds.get(R, (0.0, 0))[1] >= 2
+            and not at_risk
+        ):
             # (not while plain decoding is priced from the latency model: two measured
             # plain steps reprice it, and the next plan must see them)
             self._unplanned, self._unplanned_for = _REPLAN_GAP, batch
