@@ -562,15 +562,15 @@ def _on_slo_share(
     far, tokens decoded since its first, tokens still to emit, and SLO (seconds per output
     token, 0 for none). A request is on its SLO where its decode time at the end, the
     elapsed time plus its remaining tokens at that shape's pace, stays within SLO x its
-    tokens after the first; one without an SLO always is. The pace is uncertain (single
-    steps vary by about ``_PACE_SPREAD``), so a request is on its SLO with the normal odds
-    of that, not by a hard line a request near its SLO would cross back and forth between
-    steps. Tokens of a request off its SLO count ``_MISSED_WORTH`` of one on it (goodput
-    counts them 0; they still finish the request, and an SLO out of every shape's reach
-    leaves the choice to throughput).
-    -> (L,) float64 in [``_MISSED_WORTH``, 1]: the on-SLO share of the tokens a step emits at each shape,
-    and (R, L) each request's tokens' worth there (from ``_MISSED_WORTH`` off its SLO to
-    1 on it).
+    tokens after the first; one without an SLO always is. The pace is uncertain (its
+    remaining time normal with relative spread ``_PACE_SPREAD``), so a request is on its
+    SLO with the odds of that, not by a hard line, which made the share jump with requests
+    near their SLO. Tokens of a request off its SLO count ``_MISSED_WORTH`` of one on it
+    (goodput counts them 0; they still finish the request, and an SLO out of every shape's
+    reach leaves the choice to throughput).
+    -> (L,) float64 in [``_MISSED_WORTH``, 1]: the on-SLO share of the tokens a step emits
+    at each shape, and (R, L) each request's tokens' worth there (from ``_MISSED_WORTH``
+    off its SLO to 1 on it).
     """
     rate = 1 / seconds_per_token.clamp(min=1e-12)  # [R, L] tokens per second
     rest = to_go.unsqueeze(1) * seconds_per_token  # [R, L] seconds to its last token
@@ -1054,23 +1054,14 @@ class Engine:
 
         # with SLOs (and SLO selection), rates count the tokens of requests on their SLO
         # (goodput; see _on_slo_share) at each request's own pace at a shape
-        tpot = torch.tensor(
-            [r.slo.tpot if r.slo is not None else 0.0 for r in self._active], dtype=torch.float64
-        )
         slo_args: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         plain_share, at_risk = 1.0, False
-        if self.config.selection == "slo" and bool((tpot > 0).any()):
-            now = time.perf_counter()
-            elapsed = torch.tensor(
-                [now - r.start if r.start is not None else 0.0 for r in self._active],
-                dtype=torch.float64,
-            )
-            decoded = torch.tensor(
-                [max(len(r.output) - 1, 0) for r in self._active], dtype=torch.float64
-            )
-            slo_args = (elapsed, decoded, goal, tpot)
+        if self.config.selection == "slo" and any(r.slo is not None for r in self._active):
+            tpot, elapsed, decoded = self._slo_clocks(time.perf_counter())
             pace = torch.full((R, 1), R / plain_rate, dtype=torch.float64)
-            share, plain_worth = _on_slo_share(pace, *slo_args)
+            share, plain_worth = _on_slo_share(pace, elapsed, decoded, goal, tpot)
+            # speculation's odds: a catch-up first delays every request by its seconds
+            slo_args = (elapsed + catch_up_s, decoded, goal, tpot)
             plain_share = float(share[0])
             # a request whose odds at plain decoding's pace are neither sure nor lost
             in_play = (plain_worth > _MISSED_WORTH + 0.01) & (plain_worth < 0.99)
@@ -1135,9 +1126,7 @@ class Engine:
                     kept = d[: levels + 1] < goal.unsqueeze(1)  # [R, levels + 1]
                     tokens_i = torch.where(kept, alphas_i ** d[: levels + 1], 0.0).cumsum(1)
                     pace = seconds / tokens_i  # [R, levels + 1] seconds per token
-                    # (a catch-up first delays every request by its seconds)
-                    elapsed, *rest = slo_args
-                    share, _ = _on_slo_share(pace, elapsed + catch_up_s, *rest)
+                    share, _ = _on_slo_share(pace, *slo_args)
                 k = int((rate * share)[1:].argmax()) + 1
                 spec_rate = float(rate[k])
                 if w == 1 and not optimistic and self._chain_steps[2] > 0:
@@ -1760,11 +1749,22 @@ class Engine:
             self._finish(done)
         return outputs
 
+    def _slo_clocks(self, now: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(R,) float64 each live request's SLO (seconds per token, 0 for none), decode time
+        so far and tokens decoded since its first (the clock starts at the first token)."""
+        active, f64 = self._active, torch.float64
+        tpot = [r.slo.tpot if r.slo is not None else 0.0 for r in active]
+        elapsed = [now - r.start if r.start is not None else 0.0 for r in active]
+        decoded = [max(len(r.output) - 1, 0) for r in active]
+        return (
+            torch.tensor(tpot, dtype=f64),
+            torch.tensor(elapsed, dtype=f64),
+            torch.tensor(decoded, dtype=f64),
+        )
+
     def _needs(self, now: float, depth: int) -> Tensor:
         """(R,) tokens each request must emit this step to stay on its SLO (1 without one)."""
-        tpot = torch.tensor(
-            [r.slo.tpot if r.slo is not None else 0.0 for r in self._active], dtype=torch.float64
-        )
+        tpot, elapsed, decoded = self._slo_clocks(now)
         has = tpot > 0
         if not bool(has.any()):
             return torch.ones(len(self._active))
@@ -1772,11 +1772,5 @@ class Engine:
         predicted = (
             self.stats.draft_time + self.stats.verify_time + self.stats.overhead_time
         ) / steps
-        elapsed = torch.tensor(
-            [now - (r.start if r.start is not None else now) for r in self._active],
-            dtype=torch.float64,
-        )
-        # the clock starts at the first token
-        decoded = torch.tensor([len(r.output) - 1 for r in self._active], dtype=torch.float64)
         need = tokens_needed(torch.where(has, tpot, 1.0), elapsed, decoded, predicted, depth)
         return torch.where(has, need, 1.0)
