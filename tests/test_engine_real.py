@@ -8,6 +8,8 @@ NEAR_TIE; the test counts and prints such positions, and compares nothing after 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -62,3 +64,27 @@ def test_greedy_generate_equals_target_generate(name: str) -> None:
         )
         near_ties += 1
     print(f"{name}: {near_ties} near-tie divergence(s) in {len(prompts)} requests")
+
+
+def test_the_demo_serves_a_mixed_slo_batch_with_and_without_speculation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from adaspec.demo import main
+
+    main(["--pair", "smollm2-135m", "--per-class", "1", "--max-new-tokens", "6", "--no-progress"])
+    out = capsys.readouterr().out
+    # | # | class | SLO ms/tok | achieved ms/tok | attained | tokens | τ |, one table per run
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d \| ", line)]
+    assert [r[1].strip() for r in rows] == ["coding", "chat", "long"] * 2
+    for r in rows:
+        slo, achieved, attained, tokens = float(r[2]), float(r[3]), r[4].strip(), int(r[5])
+        assert slo > 0, r
+        assert achieved > 0, r
+        assert attained in ("yes", "NO"), r
+        if achieved != slo:  # (both rounded to the millisecond)
+            assert attained == ("yes" if achieved < slo else "NO"), r
+        assert 1 < tokens <= 6, r
+    slos = [float(r[2]) for r in rows[:3]]
+    assert slos[0] < slos[1] < slos[2], "tight < medium < relaxed"
+    assert re.search(r"adaspec against no speculation: throughput [\d.]+ vs [\d.]+ tok/s", out)
+    assert re.search(r"identical greedy output in [0-3] of 3 requests", out)

@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     _table("the same batch without speculation", plain, classes)
     same = sum(a == b for a, b in zip(spec.sequences, plain.sequences, strict=True))
-    print(f"\nidentical greedy output in {same} of {len(prompts)} requests")
+    print(
+        f"\nadaspec against no speculation: throughput {spec.stats.throughput:.2f} vs "
+        f"{plain.stats.throughput:.2f} tok/s ({spec.stats.throughput / plain.stats.throughput:.2f}x), "
+        f"SLOs met {spec.stats.attainment:.0%} vs {plain.stats.attainment:.0%}"
+    )
+    print(f"identical greedy output in {same} of {len(prompts)} requests")
     assert spec.texts is not None
     print(f"first coding answer: {spec.texts[0][:160]!r}")
