@@ -17,8 +17,8 @@ each round's own ratios, then the ratios of the medians). Three tables per pair:
    KV cache (``share_cache=False``); against the plain engine also the decode phase alone
    (tokens after the first over the time after the prefills: both prefill alike);
 3. a mixed-SLO batch: SLO attainment and goodput of adaspec's SLO selection vs the same engine
-   with (a) a fixed chain of 4, (b) an even split of a fixed budget, (c) throughput-only selection
-   (at least 5 rounds, each policy in each seat once: attainment over all of them, per
+   with (a) a fixed chain of 4, (b) an even split of a fixed budget, (c) throughput-only selection,
+   and without its Calibrator (the draft's own probabilities) (at least 6 rounds, each policy in each seat once: attainment over all of them, per
    class the requests that met their SLO of all run, goodput, throughput and τ the
    medians), once per SLO scale: tight, medium and relaxed SLOs at 1.2x, 2.5x and 6x the
    target's time per token alone (``batch1``, as the AdaServe paper scales them; at batch
@@ -285,6 +285,8 @@ def slo_table(
     )
     policies = {
         "adaspec SLO selection (auto budget)": EngineConfig(),
+        # the same on the draft's own probabilities: is the Calibrator worth its default?
+        "SLO selection, uncalibrated (calibrate=False)": EngineConfig(calibrate=False),
         "fixed chain k=4": EngineConfig(
             depth=4, width=1, budget=5 * R, selection="throughput", calibrate=False
         ),
