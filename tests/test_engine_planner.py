@@ -79,6 +79,19 @@ def test_long_speculation_takes_a_plain_step_to_remeasure_and_goes_on():
     assert eng._plan_shape(1, 4, 4)[0] > 0
 
 
+def test_speculation_on_a_plain_price_from_two_steps_remeasures_it_once():
+    eng = planned(0.1)
+    eng._plain_seconds[1] = (0.2, 2)  # two slow plain steps (after a prefill)
+    eng._spec_streak = 1
+    assert eng._plan_shape(1, 4, 4)[0] > 0
+    eng._spec_streak = 2
+    assert eng._plan_shape(1, 4, 4)[0] == 0  # a third plain step
+    assert eng._spec_streak == 1  # ... within the run of speculation
+    eng._plain_seconds[1] = (0.2, 3)  # measured: no more until the long-run re-measure
+    eng._spec_streak = 2
+    assert eng._plan_shape(1, 4, 4)[0] > 0
+
+
 def test_a_probe_is_priced_at_the_lowest_costs_so_a_stall_is_measured_again():
     """A burst of busy neighbours while speculating: the draft's and the target's tree
     forwards timed 5x, speculative steps 3x their prediction. The plan then decodes
@@ -710,6 +723,14 @@ def test_plain_steps_measured_at_a_batch_size_price_plain_decoding_there():
     assert steps == 2
     assert seconds < 1.0  # the quicker of the first two
     assert eng._plain_rate(1) == pytest.approx(1 / seconds)
+    eng._plain_seconds[1] = (1.0, 2)  # (both steps after a prefill slow)
+    eng._plain_step()
+    seconds, steps = eng._plain_seconds[1]
+    assert steps == 3
+    assert seconds < 0.5  # the quickest of the first three (a mean would keep 0.7 of 1 s)
+    eng._plain_seconds[1] = (1.0, 3)
+    eng._plain_step()
+    assert eng._plain_seconds[1][0] > 0.7  # then a decayed mean
 
 
 def test_the_on_slo_share_counts_the_tokens_of_requests_that_stay_on_their_slo() -> None:

@@ -76,6 +76,14 @@ _FIRST_PROBE = 2
 # 4 it was 10-30 % off): speculation starts at once only where it wins even so, and
 # otherwise the plain steps measure
 _PLAIN_DOUBT = 1.3
+# a batch size's plain price is the quickest of its first _PLAIN_FIRST measured plain
+# steps (stalls only slow a step down), then a decayed mean. The plan measures two before
+# it speculates at a new batch size, and re-measures once after _PLAIN_RECHECK
+# speculative steps: both steps after a prefill of 16 SmolLM2 prompts once took 169 ms
+# where later ones took ~104, and priced by them chains ran the whole batch at 113-150
+# tok/s against plain decoding's ~154
+_PLAIN_FIRST = 3
+_PLAIN_RECHECK = 2
 # acceptance: each drafted level the accepted path reaches is one trial, kept when the
 # target accepts its token. Before any verification the pair's rate is _PRIOR_ACCEPT
 # (worth _PAIR_PRIOR_WEIGHT trials): top-1 agreement of the shipped int8-weight drafts
@@ -653,9 +661,9 @@ class Engine:
         # buckets move together as speculative steps observe larger sizes)
         self._plain_time_ratio = 0.0
         self._plain_samples = 0
-        # batch size -> (seconds, steps) of the plain steps measured there: the quicker of
-        # the first two, then a decayed mean; it prices plain decoding from the second step
-        # on (the latency model's prediction for R tokens moves as speculative steps feed it
+        # batch size -> (seconds, steps) of the plain steps measured there: the quickest of
+        # the first _PLAIN_FIRST, then a decayed mean; it prices plain decoding from the
+        # second step on (the latency model's prediction for R tokens moves as speculative steps feed it
         # larger trees: Gemma at batch 6 priced plain steps at 67-88 tok/s between
         # speculative ones, they ran at ~92, and the plan speculated at parity; a first
         # plain step after a prefill of 16 prompts ran at 115 tok/s, the next ones at 135)
@@ -956,7 +964,8 @@ class Engine:
         were measured, plain decoding is priced ``_PLAIN_DOUBT`` times faster than
         predicted: speculation starts at once only where it wins even so;
         switching to speculation needs a predicted 10 % gain, staying with it only a
-        gain, and a long run of speculation takes a plain step now and then to re-measure.
+        gain, and a long run of speculation takes a plain step now and then to re-measure
+        (and its third step, where plain decoding is priced from two plain steps alone).
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
         has not seen; it is chosen only when the tokens still to come repay it. While plain
         decoding wins, a chain is probed now and then (exponential back-off) where an upper
@@ -1171,9 +1180,13 @@ class Engine:
         k, w = best(False, sorted({1, width}))
         if k > 0:
             self._probe_every, self._probed = _PROBE_EVERY, False
-            if self._spec_streak > _PROBE_EVERY:
+            measured = self._plain_seconds.get(R, (0.0, 0))[1]
+            if self._spec_streak > _PROBE_EVERY or (
+                self._spec_streak >= _PLAIN_RECHECK and 0 < measured < _PLAIN_FIRST
+            ):
                 # a plain step now and then re-measures what plain decoding costs: its
-                # prediction otherwise drifts with the shared model, fed by trees alone
+                # prediction otherwise drifts with the shared model, fed by trees alone,
+                # and once early on where it rests on the steps right after a prefill
                 self._spec_streak = 1
                 return 0, width
             self._cost_probe_wait -= w == 1  # (chains only: a beam's levels are priced apart)
@@ -1653,7 +1666,7 @@ class Engine:
             if R > 1 or self._plain_samples > 2:  # (batch 1: after the doubted first ones)
                 seconds = t_end - t_start
                 old, n = self._plain_seconds.get(R, (seconds, 0))
-                new = min(old, seconds) if n < 2 else _mean(old, seconds, keep=0.7)
+                new = min(old, seconds) if n < _PLAIN_FIRST else _mean(old, seconds, keep=0.7)
                 self._plain_seconds[R] = (new, n + 1)
         # measured up to the smaller of the last two plain steps' batches (a step that
         # timed new kernel plans counts too: the next one times none)
