@@ -81,14 +81,19 @@ def test_long_speculation_takes_a_plain_step_to_remeasure_and_goes_on():
 
 def test_speculation_on_a_plain_price_from_two_steps_remeasures_it_once():
     eng = planned(0.1)
-    eng._plain_seconds[1] = (0.2, 2)  # two slow plain steps (after a prefill)
-    eng._spec_streak = 1
+    eng._spec_since_plain = 2
+    eng._plain_seconds[1] = (0.2, 1)  # one step does not price plain decoding yet
     assert eng._plan_shape(1, 4, 4)[0] > 0
-    eng._spec_streak = 2
+    eng._plain_seconds[1] = (0.2, 2)  # two slow plain steps (after a prefill)
+    eng._spec_since_plain = 1
+    assert eng._plan_shape(1, 4, 4)[0] > 0
+    eng._spec_since_plain = 2
     assert eng._plan_shape(1, 4, 4)[0] == 0  # a third plain step
-    assert eng._spec_streak == 1  # ... within the run of speculation
-    eng._plain_seconds[1] = (0.2, 3)  # measured: no more until the long-run re-measure
-    eng._spec_streak = 2
+    eng._plain_step()  # (which measures it)
+    assert eng._plain_seconds[1][1] == 3
+    assert eng._spec_since_plain == 0
+    eng._plain_seconds[1], eng._plain_time_ratio = (0.2, 3), 1.0  # (the tiny model's step)
+    eng._spec_since_plain = 2  # measured: no more until the long-run re-measure
     assert eng._plan_shape(1, 4, 4)[0] > 0
 
 

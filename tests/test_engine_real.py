@@ -86,5 +86,15 @@ def test_the_demo_serves_a_mixed_slo_batch_with_and_without_speculation(
         assert 1 < tokens <= 6, r
     slos = [float(r[2]) for r in rows[:3]]
     assert slos[0] < slos[1] < slos[2], "tight < medium < relaxed"
-    assert re.search(r"adaspec against no speculation: throughput [\d.]+ vs [\d.]+ tok/s", out)
-    assert re.search(r"identical greedy output in [0-3] of 3 requests", out)
+    line = re.search(
+        r"adaspec against no speculation: throughput ([\d.]+) vs ([\d.]+) tok/s "
+        r"\(([\d.]+)x\), SLOs met (\d+)% vs (\d+)%",
+        out,
+    )
+    assert line is not None, out
+    spec, plain, ratio = (float(line[i]) for i in (1, 2, 3))
+    assert ratio == pytest.approx(spec / plain, abs=0.006)
+    for met, table in ((line[4], rows[:3]), (line[5], rows[3:])):
+        yes = sum(r[4].strip() == "yes" for r in table)
+        assert int(met) == round(100 * yes / 3), (met, table)
+    assert re.search(r"identical greedy output in \d of 3 requests", out)

@@ -77,11 +77,12 @@ _FIRST_PROBE = 2
 # otherwise the plain steps measure
 _PLAIN_DOUBT = 1.3
 # a batch size's plain price is the quickest of its first _PLAIN_FIRST measured plain
-# steps (stalls only slow a step down), then a decayed mean. The plan measures two before
-# it speculates at a new batch size, and re-measures once after _PLAIN_RECHECK
-# speculative steps: both steps after a prefill of 16 SmolLM2 prompts once took 169 ms
-# where later ones took ~104, and priced by them chains ran the whole batch at 113-150
-# tok/s against plain decoding's ~154
+# steps (stalls only slow a step down), then a decayed mean. Where the plan speculates on
+# a price from two plain steps (at a batch twice any measured it takes them first), the
+# step after _PLAIN_RECHECK speculative ones is a plain one that measures the third: both
+# steps after a prefill of 16 SmolLM2 prompts once took 169 ms where later ones took
+# ~104, and priced by them chains ran the whole batch at 113-150 tok/s against plain
+# decoding's ~154
 _PLAIN_FIRST = 3
 _PLAIN_RECHECK = 2
 # acceptance: each drafted level the accepted path reaches is one trial, kept when the
@@ -663,10 +664,10 @@ class Engine:
         self._plain_samples = 0
         # batch size -> (seconds, steps) of the plain steps measured there: the quickest of
         # the first _PLAIN_FIRST, then a decayed mean; it prices plain decoding from the
-        # second step on (the latency model's prediction for R tokens moves as speculative steps feed it
-        # larger trees: Gemma at batch 6 priced plain steps at 67-88 tok/s between
-        # speculative ones, they ran at ~92, and the plan speculated at parity; a first
-        # plain step after a prefill of 16 prompts ran at 115 tok/s, the next ones at 135)
+        # second step on (the latency model's prediction for R tokens moves as speculative
+        # steps feed it larger trees: Gemma at batch 6 priced plain steps at 67-88 tok/s
+        # between speculative ones, they ran at ~92, and the plan speculated at parity; a
+        # first plain step after a prefill of 16 prompts ran at 115 tok/s, the next at 135)
         self._plain_seconds: dict[int, tuple[float, int]] = {}
         self._plain_batch = 1  # the largest batch plain steps were measured at (1: none)
         self._last_plain_size = 0  # the batch size of the last plain step (0: none yet)
@@ -684,6 +685,7 @@ class Engine:
         # speculative steps since the plan last chose plain decoding (re-measuring plain
         # steps among them do not end the run)
         self._spec_streak = 0
+        self._spec_since_plain = 0  # speculative steps since the last plain step
         self._probe_every = _FIRST_PROBE
         self._probed = False  # the last speculative step was a probe
         # this step's plan prices the draft's levels at the lowest costs seen (a probe);
@@ -965,7 +967,8 @@ class Engine:
         predicted: speculation starts at once only where it wins even so;
         switching to speculation needs a predicted 10 % gain, staying with it only a
         gain, and a long run of speculation takes a plain step now and then to re-measure
-        (and its third step, where plain decoding is priced from two plain steps alone).
+        (and, where plain decoding at this batch size is priced from two plain steps, the
+        step after two speculative ones, once).
         Speculating after plain steps first costs a draft catch-up over the tokens the draft
         has not seen; it is chosen only when the tokens still to come repay it. While plain
         decoding wins, a chain is probed now and then (exponential back-off) where an upper
@@ -1182,11 +1185,11 @@ class Engine:
             self._probe_every, self._probed = _PROBE_EVERY, False
             measured = self._plain_seconds.get(R, (0.0, 0))[1]
             if self._spec_streak > _PROBE_EVERY or (
-                self._spec_streak >= _PLAIN_RECHECK and 0 < measured < _PLAIN_FIRST
+                self._spec_since_plain >= _PLAIN_RECHECK and measured == _PLAIN_FIRST - 1
             ):
                 # a plain step now and then re-measures what plain decoding costs: its
-                # prediction otherwise drifts with the shared model, fed by trees alone,
-                # and once early on where it rests on the steps right after a prefill
+                # prediction otherwise drifts with the shared model, fed by trees alone;
+                # and once early on, where it rests on two steps (those after a prefill)
                 self._spec_streak = 1
                 return 0, width
             self._cost_probe_wait -= w == 1  # (chains only: a beam's levels are priced apart)
@@ -1621,6 +1624,7 @@ class Engine:
             )  # fmt: skip
         self._plain_streak = 0
         self._spec_streak += 1
+        self._spec_since_plain += 1
         self.stats.target_tokens += n_tokens
         self.stats.draft_time += t_draft - t_start
         self.stats.verify_time += t_verify - t_select
@@ -1674,6 +1678,7 @@ class Engine:
             self._plain_batch = max(self._plain_batch, min(R, self._last_plain_size))
         self._last_plain_size = R
         self._plain_streak += 1
+        self._spec_since_plain = 0
         self.stats.target_tokens += R
         self.stats.verify_time += t_verify - t_start
         self.stats.overhead_time += t_end - t_verify
