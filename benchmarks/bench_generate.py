@@ -18,9 +18,10 @@ each round's own ratios, then the ratios of the medians). Three tables per pair:
    (tokens after the first over the time after the prefills: both prefill alike);
 3. a mixed-SLO batch: SLO attainment and goodput of adaspec's SLO selection vs the same engine
    with (a) a fixed chain of 4, (b) an even split of a fixed budget, (c) throughput-only selection,
-   and without its Calibrator (the draft's own probabilities) (at least 6 rounds, each policy in each seat once: attainment over all of them, per
-   class the requests that met their SLO of all run, goodput, throughput and τ the
-   medians), once per SLO scale: tight, medium and relaxed SLOs at 1.2x, 2.5x and 6x the
+   and (d) without its Calibrator, on the draft's own probabilities. At least 6 rounds,
+   each policy in each seat once (attainment over all of them, per class the requests
+   that met their SLO of all run, goodput, throughput and τ the medians), once per SLO
+   scale: tight, medium and relaxed SLOs at 1.2x, 2.5x and 6x the
    target's time per token alone (``batch1``, as the AdaServe paper scales them; at batch
    16 on a CPU no policy meets the tight ones), and at 0.9x, 1.2x and 3x the plain
    engine's at the table's batch (``batch``: the tight ones only speculation can meet,
