@@ -1181,9 +1181,9 @@ class Engine:
             return top
 
         k, w = best(False, sorted({1, width}))
+        measured = self._plain_seconds.get(R, (0.0, 0))[1]  # plain steps timed at this batch
         if k > 0:
             self._probe_every, self._probed = _PROBE_EVERY, False
-            measured = self._plain_seconds.get(R, (0.0, 0))[1]
             if self._spec_streak > _PROBE_EVERY or (
                 self._spec_since_plain >= _PLAIN_RECHECK and measured == _PLAIN_FIRST - 1
             ):
@@ -1219,11 +1219,7 @@ class Engine:
             if k > 0:
                 return k, w
         # (not while a request may slide off its SLO: each plan weighs that anew)
-        if (
-            headroom < _REPLAN_HEADROOM
-            and self._plain_seconds.get(R, (0.0, 0))[1] >= 2
-            and not at_risk
-        ):
+        if headroom < _REPLAN_HEADROOM and measured >= 2 and not at_risk:
             # (not while plain decoding is priced from the latency model: two measured
             # plain steps reprice it, and the next plan must see them)
             self._unplanned, self._unplanned_for = _REPLAN_GAP, batch
