@@ -292,6 +292,36 @@ def test_the_batchs_acceptance_is_the_mean_of_its_requests():
     assert trials == 96.0  # the mean rests on both requests' trials (and priors)
 
 
+@pytest.mark.parametrize(
+    ("alpha", "waiting", "probes"),
+    [(0.93, False, False), (0.93, True, True), (0.99, False, True)],
+)
+def test_a_closed_batch_probes_only_where_its_requests_likely_stay_level(
+    alpha: float, waiting: bool, probes: bool
+):
+    """A probe that does not pay leaves a closed batch's requests unequal, and plain
+    decoding after it spends a step on each token the slowest one fell behind: with 16
+    requests at α 0.93 all accept a level together with odds 0.31, at 0.99 with 0.85.
+    With a request waiting, a finished request's row is refilled at once: the probe runs."""
+    eng = planned(0.2)
+    for _ in range(15):
+        eng.add_request([5, 6, 7], max_new_tokens=200)
+    eng._admit()
+    for req in eng._active:
+        req.trials[0], req.hits[0] = 100.0, 100.0 * alpha
+    for _ in range(5):  # a stall while speculating: only a probe (at the best costs) runs
+        for n in (16, 32, 64):
+            eng.draft_latency.observe(n, 5 * 0.2 * (0.050 + 0.001 * n))
+            eng.verify_latency.observe(2 * n, 5 * (0.050 + 0.001 * 2 * n))
+        eng._observe_spec_ratio(0, 16, 3.0, 1.0)
+    if waiting:
+        eng.add_request([8], max_new_tokens=200)  # queued: not admitted yet
+    eng._plain_streak = 1
+    assert eng._plan_shape(16, 4, 1)[0] == 0  # the stalled costs: plain wins
+    eng._plain_streak = eng._probe_every
+    assert (eng._plan_shape(16, 4, 1)[0] > 0) == probes
+
+
 def test_a_probes_bound_on_the_batchs_acceptance_tightens_as_the_batch_grows():
     """Fresh requests at the pair's rate: one request's bound reaches 1 (a probe may pay),
     the mean of 16 such requests rests on 16 times the trials and stays near the rate."""
