@@ -1219,10 +1219,11 @@ class Engine:
             # often from now on (after planned speculation, the next probe comes after
             # _PROBE_EVERY plain steps)
             self._probe_every = min(2 * self._probe_every, _PROBE_MAX)
-        level_odds = float(self._alphas(0).prod()) if closed else 1.0
-        if self._plain_streak >= self._probe_every and level_odds >= _PROBE_LEVEL_ODDS:
+        # (in a closed batch, only where its requests likely stay level; see _PROBE_LEVEL_ODDS)
+        if self._plain_streak >= self._probe_every and (
+            not closed or float(self._alphas(0).prod()) >= _PROBE_LEVEL_ODDS
+        ):
             # re-probe with a chain, where the acceptance rate's upper bound could pay
-            # (in a closed batch, where its requests likely stay level; see _PROBE_LEVEL_ODDS)
             k, w = best(True, [1])
             self._probed = self._optimistic = k > 0
             if k > 0:
